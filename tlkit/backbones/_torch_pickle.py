@@ -1,0 +1,187 @@
+"""Read legacy (non-zip) PyTorch ``state_dict`` files with numpy only.
+
+No library reads these files without importing torch, and ``torch.load`` runs
+arbitrary pickled code unless ``weights_only=True``. This reader is written by
+hand so that tlkit needs neither torch nor trust in the file: its unpickler
+refuses every global except the few a ``state_dict`` is made of.
+
+The legacy format is five pickles in a row (magic number, protocol version,
+system info, the object with persistent ids for its storages, the list of
+storage keys) followed by the raw bytes of each storage, each preceded by an
+int64 element count.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+from typing import BinaryIO
+
+import numpy as np
+
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_ZIP_MAGIC = b"PK\x03\x04"
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """Raised when a weights file asks for anything beyond plain tensors."""
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+
+
+class _Storage:
+    """A storage whose bytes are read after the main pickle."""
+
+    def __init__(self, dtype: np.dtype, size: int):
+        self.dtype = dtype
+        self.size = size
+        self.array: np.ndarray | None = None
+
+
+class _TensorPlaceholder:
+    """A tensor view on a storage, resolved once the storage bytes are read."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+        self.storage = storage
+        self.offset = offset
+        self.size = tuple(size)
+        self.stride = tuple(stride)
+
+    def resolve(self) -> np.ndarray:
+        base = self.storage.array
+        if base is None:
+            raise pickle.UnpicklingError("Tensor storage was never read from the file.")
+        itemsize = base.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            base[self.offset :],
+            shape=self.size,
+            strides=tuple(s * itemsize for s in self.stride),
+            writeable=False,
+        )
+        return np.array(view, copy=True)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+    return _TensorPlaceholder(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
+    return data
+
+
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, storages: dict):
+        super().__init__(file)
+        self._storages = storages
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise UnsafePickleError(
+            f"Refusing to load `{module}.{name}`: a weights file may only contain "
+            "tensors in an OrderedDict. The file is not a plain PyTorch state_dict, "
+            "or it tries to run code. Received: global={module}.{name}"
+        )
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise UnsafePickleError(f"Unexpected persistent id in weights file. Received: {pid!r}")
+        storage_type, key, _location, size = pid[1], pid[2], pid[3], pid[4]
+        if not isinstance(storage_type, _StorageType):
+            raise UnsafePickleError(f"Unknown storage type. Received: {storage_type!r}")
+        if key not in self._storages:
+            self._storages[key] = _Storage(storage_type.dtype, int(size))
+        storage = self._storages[key]
+        if len(pid) > 5 and pid[5] is not None:
+            raise UnsafePickleError("Storage views (pre-0.4 PyTorch files) are not supported.")
+        return storage
+
+
+def _load_plain(file: BinaryIO, what: str):
+    """Loads a header pickle that may only hold numbers, strings and dicts."""
+    unpickler = _RestrictedUnpickler(file, storages={})
+    try:
+        return unpickler.load()
+    except UnsafePickleError:
+        raise
+    except Exception as error:  # A corrupt header: say which part.
+        raise pickle.UnpicklingError(f"Could not read the {what} of the weights file: {error}")
+
+
+def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
+    """Reads a legacy PyTorch state_dict file into numpy arrays without torch.
+
+    Args:
+        path: Path to a ``.pth`` file written by ``torch.save`` with
+            ``_use_new_zipfile_serialization=False`` (PyTorch < 1.6 default).
+
+    Returns:
+        An ordered mapping of parameter name to numpy array.
+
+    Raises:
+        UnsafePickleError: If the file references any global that is not part
+            of a plain state_dict (code execution attempt or foreign object).
+        ValueError: If the file is not a legacy PyTorch file.
+    """
+    with open(path, "rb") as file:
+        head = file.read(4)
+        if head == _ZIP_MAGIC:
+            raise ValueError(
+                "This is a zip-format PyTorch file; tlkit reads the legacy format only. "
+                f"Re-save it with `_use_new_zipfile_serialization=False`. Received: path={path}"
+            )
+        file.seek(0)
+        magic = _load_plain(file, "magic number")
+        if magic != _LEGACY_MAGIC_NUMBER:
+            raise ValueError(f"Not a legacy PyTorch weights file (bad magic number). Received: path={path}")
+        _load_plain(file, "protocol version")
+        sys_info = _load_plain(file, "system info")
+        if not sys_info.get("little_endian", True):
+            raise ValueError(f"Big-endian PyTorch files are not supported. Received: path={path}")
+        storages: dict = {}
+        state = _RestrictedUnpickler(file, storages).load()
+        storage_keys = _load_plain(file, "storage key list")
+        for key in storage_keys:
+            storage = storages[key]
+            (count,) = struct.unpack("<q", file.read(8))
+            data = file.read(count * storage.dtype.itemsize)
+            if len(data) != count * storage.dtype.itemsize:
+                raise ValueError(f"Weights file is truncated. Received: path={path}")
+            storage.array = np.frombuffer(data, dtype=storage.dtype)
+    if not isinstance(state, dict):
+        raise UnsafePickleError(f"Expected a state_dict mapping. Received: type={type(state).__name__}")
+    result = collections.OrderedDict()
+    for name, value in state.items():
+        if isinstance(value, _TensorPlaceholder):
+            result[name] = value.resolve()
+        elif isinstance(value, (int, float)):
+            result[name] = np.asarray(value)
+    return result

@@ -26,9 +26,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
+    # Keep every suffix (".weights.h5"): Keras checks file names by suffix.
+    suffixes = "".join(path.suffixes)
+    base = path.name[: len(path.name) - len(suffixes)] if suffixes else path.name
+    handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffixes}", dir=path.parent)
     os.close(handle)
     os.unlink(temporary)  # Some writers refuse to overwrite; let them create it.
     temporary = Path(temporary)

@@ -2,9 +2,12 @@
 
 Every pipeline works on raw RGB images with values in 0..255 (float32, shape
 `(batch, height, width, 3)`), the same input the tlkit models take, and keeps
-its outputs inside that range. The layers only change images when called with
-`training=True`, which `model.fit` does and `model.predict` does not, so a
-pipeline can sit inside a model.
+its outputs inside that range. `model.fit` runs the layers in training mode and
+`model.predict` / `model.evaluate` with `training=False`, where they return their
+input unchanged, so a pipeline can sit inside a model. Note that Keras
+preprocessing layers default to `training=True` when called directly without a
+`training` argument (`pipeline(images)` or `model(images)` augment), so pass
+`training=False` explicitly outside `fit`, `predict` and `evaluate`.
 
 Example:
 
@@ -135,8 +138,10 @@ def build_augmentation(
 
     The pipeline takes raw RGB images with values in 0..255 and returns images
     in the same range (brightness and contrast clip to it; rotation, zoom and
-    shift interpolate between pixels). It only changes images when called with
-    `training=True`; with `training=False` it returns its input unchanged.
+    shift interpolate between pixels). With `training=False` (as in
+    `model.predict`) it returns its input unchanged. Called directly without a
+    `training` argument it augments, as Keras preprocessing layers default to
+    training mode, so pass `training=False` for inference outside `predict`.
 
     Args:
         preset: One of `list_presets()`: `"natural"`, `"light"`, `"tutorial"`,
@@ -153,9 +158,9 @@ def build_augmentation(
             Pass `None` to leave a layer out, e.g. `flip=None`.
 
     Returns:
-        A `keras.Sequential` named `"augmentation"`. It has no layers for the
-        `"none"` preset (or when every layer is switched off) and then returns
-        its input unchanged.
+        A `keras.Sequential` named `"augmentation"`. For the `"none"` preset (or
+        when every layer is switched off) it holds a single
+        `keras.layers.Identity` and returns its input unchanged.
 
     Raises:
         ValueError: If `preset` or an override name is unknown, or a setting
@@ -192,6 +197,10 @@ def build_augmentation(
             continue
         layer_seed = None if seed is None else int(seed) + offset
         layers.append(_make_layer(name, value, settings["fill_mode"], layer_seed))
+    if not layers:
+        # An empty Sequential cannot be called; an Identity layer keeps "none"
+        # usable wherever a pipeline is expected.
+        layers.append(keras.layers.Identity(name="identity"))
     return keras.Sequential(layers, name="augmentation")
 
 

@@ -1,0 +1,218 @@
+"""The feature cache: run the frozen base over a dataset once, train heads on features.
+
+With the base frozen, every epoch of ordinary training recomputes the same base
+outputs. On a 2-core CPU that recomputation is nearly all of the time, so tlkit
+computes the pooled features once (optionally for K augmented views of each
+image), stores them on disk, and trains the head on them in seconds.
+
+The cache key covers everything that changes the features: the base's actual
+weight values (so a fine-tuned base never reuses stale features), its name,
+the image size, the dataset split's fingerprint, the augmentation config, the
+number of views and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkit._io import atomic_path, cache_dir
+
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class FeatureSet:
+    """Pooled features of one split.
+
+    Attributes:
+        features: float32 array (N * views, feature_width); view-major order
+            (all images of view 0, then view 1, ...).
+        labels: int32 array (N * views,).
+        views: Number of views per image (1 = un-augmented only).
+        path: Where the cache file is, or None when not cached.
+        from_cache: Whether the features were read from the cache.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    views: int
+    path: Path | None = None
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to_dataset(self, batch_size: int = 64, shuffle: bool = False, seed: int | None = None):
+        """A `tf.data.Dataset` of (features, labels) batches."""
+        dataset = tf.data.Dataset.from_tensor_slices((self.features, self.labels))
+        if shuffle:
+            dataset = dataset.shuffle(len(self.labels), seed=seed, reshuffle_each_iteration=True)
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 over a model's weight values (hex)."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(
+    base: keras.Model, split, image_size: int, views: int, augmentation, seed: int
+) -> str:
+    """The cache key (hex sha256) for the features of `split` under `base`."""
+    parts = {
+        "format": _FORMAT_VERSION,
+        "base": base.name,
+        "weights": weights_fingerprint(base),
+        "image_size": int(image_size),
+        "data": split.fingerprint(),
+        "views": int(views),
+        "augmentation": _augmentation_config(augmentation) if views > 1 else None,
+        "seed": int(seed),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def extract_features(
+    base: keras.Model,
+    split,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    views: int = 1,
+    augmentation: keras.Layer | str | None = None,
+    seed: int = 0,
+    cache: bool | str | Path = True,
+    progress: bool = True,
+) -> FeatureSet:
+    """Runs the frozen base over a split once, with a disk cache.
+
+    Args:
+        base: A frozen feature extractor (`tlkit.build_feature_extractor`).
+        split: A `tlkit.data.ImageSplit`.
+        image_size: Size the images are resized to. Defaults to the base's
+            input size, or 224 when the base takes any size.
+        batch_size: Images per forward pass. Defaults to 64.
+        views: 1 for plain features; K > 1 adds K - 1 augmented views of
+            every image. Defaults to 1.
+        augmentation: The augmentation for the extra views: a `tlkit.augment`
+            preset name or a Keras layer. Required when views > 1.
+        seed: Seed of the augmented views. Defaults to 0.
+        cache: True for the default cache folder, a folder path, or False to
+            skip the cache. Defaults to True.
+        progress: Show a progress bar. Defaults to True.
+
+    Returns:
+        A `FeatureSet`.
+
+    Raises:
+        ValueError: On views < 1, or views > 1 without an augmentation.
+    """
+    if not isinstance(views, int) or views < 1:
+        raise ValueError(f"views must be a positive integer. Received: views={views!r}")
+    if views > 1 and augmentation is None:
+        raise ValueError(
+            "views > 1 needs an augmentation to make the extra views differ, e.g. "
+            f"augmentation='natural'. Received: views={views}, augmentation=None"
+        )
+    if isinstance(augmentation, str):
+        from tlkit.augment import build_augmentation
+
+        augmentation = build_augmentation(augmentation, seed=seed)
+    image_size = image_size or base.input_shape[1] or 224
+    path = None
+    if cache is not False:
+        folder = Path(cache) if not isinstance(cache, bool) else cache_dir() / "features"
+        key = cache_key(base, split, image_size, views, augmentation, seed)
+        path = folder / f"{base.name}-{image_size}px-{key[:24]}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as stored:
+                return FeatureSet(stored["features"], stored["labels"], views, path, True)
+
+    infer = tf.function(lambda images: base(images, training=False), reduce_retracing=True)
+    steps = math.ceil(len(split) / batch_size) * views
+    bar = _progress_bar(steps, f"features {base.name} {split.name}", progress)
+    features, labels = [], []
+    for view in range(views):
+        dataset = split.to_dataset(image_size, batch_size=batch_size, shuffle=False)
+        if view > 0:
+            dataset = dataset.map(
+                lambda images, targets: (augmentation(images, training=True), targets),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        for images, targets in dataset:
+            features.append(infer(images).numpy())
+            labels.append(targets.numpy())
+            bar.update(1)
+    bar.close()
+    result = FeatureSet(
+        np.concatenate(features).astype(np.float32), np.concatenate(labels).astype(np.int32), views, path
+    )
+    if path is not None:
+        with atomic_path(path) as temporary:
+            np.savez(temporary, features=result.features, labels=result.labels)
+    return result
+
+
+def train_head(
+    head: keras.Model,
+    train_features: FeatureSet,
+    validation_features: FeatureSet | None = None,
+    epochs: int = 20,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    callbacks=None,
+    verbose: int | str = 0,
+) -> dict[str, list[float]]:
+    """Trains a head (`tlkit.models.build_head`) on cached features.
+
+    Args:
+        head: The head model; it is compiled here.
+        train_features: Training features.
+        validation_features: Validation features (un-augmented), or None.
+        epochs: Epochs. Defaults to 20.
+        batch_size: Batch size. Defaults to 64.
+        learning_rate: Adam learning rate. Defaults to 1e-3.
+        seed: Shuffle seed. Defaults to 0.
+        callbacks: Keras callbacks. Defaults to None.
+        verbose: Keras verbosity. Defaults to 0.
+
+    Returns:
+        The Keras history dict.
+    """
+    from tlkit.models import compile_classifier
+
+    compile_classifier(head, learning_rate=learning_rate)
+    validation = validation_features.to_dataset(batch_size * 4) if validation_features else None
+    history = head.fit(
+        train_features.to_dataset(batch_size, shuffle=True, seed=seed),
+        validation_data=validation,
+        epochs=epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    return history.history
+
+
+def _augmentation_config(augmentation) -> object:
+    if augmentation is None:
+        return None
+    if isinstance(augmentation, str):
+        return augmentation
+    return keras.saving.serialize_keras_object(augmentation)
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch", disable=not enabled, leave=False)

@@ -25,8 +25,16 @@ import numpy as np
 from tlkit._io import atomic_path
 
 CLASS_NAMES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 TRAIN_PER_CLASS = 100
 TEST_PER_CLASS = 50
@@ -54,12 +62,17 @@ def first_per_class(labels: np.ndarray, per_class: int, rng: np.random.Generator
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("fashion_mnist_small.npz"))
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).with_name("fashion_mnist_small.npz")
+    )
     arguments = parser.parse_args()
 
     rng = np.random.default_rng(SEED)
     arrays = {}
-    for split, prefix, per_class in (("train", "train", TRAIN_PER_CLASS), ("test", "t10k", TEST_PER_CLASS)):
+    for split, prefix, per_class in (
+        ("train", "train", TRAIN_PER_CLASS),
+        ("test", "t10k", TEST_PER_CLASS),
+    ):
         images = read_idx(arguments.source / f"{prefix}-images-idx3-ubyte.gz")
         labels = read_idx(arguments.source / f"{prefix}-labels-idx1-ubyte.gz")
         index = first_per_class(labels, per_class, rng)

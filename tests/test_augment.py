@@ -65,7 +65,9 @@ def test_natural_preset_layers():
 def test_medical_preset_has_no_flip_and_small_rotation():
     pipeline = augment.build_augmentation("medical")
     assert not any(isinstance(layer, keras.layers.RandomFlip) for layer in pipeline.layers)
-    (rotation,) = [layer for layer in pipeline.layers if isinstance(layer, keras.layers.RandomRotation)]
+    (rotation,) = [
+        layer for layer in pipeline.layers if isinstance(layer, keras.layers.RandomRotation)
+    ]
     # The factor is a fraction of a full turn: 5 degrees is 5 / 360.
     assert max(abs(bound) for bound in rotation.get_config()["factor"]) * 360 <= 5 + 1e-9
 
@@ -177,7 +179,9 @@ def test_same_seed_gives_same_outputs(images):
             np.asarray(first(images, training=True)), np.asarray(second(images, training=True))
         )
     other = augment.build_augmentation("natural", seed=43)
-    assert not np.allclose(np.asarray(other(images, training=True)), np.asarray(first(images, training=True)))
+    assert not np.allclose(
+        np.asarray(other(images, training=True)), np.asarray(first(images, training=True))
+    )
 
 
 def test_runs_inside_tf_data(images):
@@ -236,7 +240,7 @@ def test_mix_batches_is_seeded(method, images):
 def test_mix_batches_accepts_one_hot_labels(images):
     one_hot = tf.one_hot([0, 1, 2, 1], 3)
     dataset = tf.data.Dataset.from_tensor_slices((images, one_hot)).batch(4)
-    (_, soft_labels), = list(augment.mix_batches(dataset, seed=0).as_numpy_iterator())
+    ((_, soft_labels),) = list(augment.mix_batches(dataset, seed=0).as_numpy_iterator())
     np.testing.assert_allclose(soft_labels.sum(axis=1), 1.0, atol=1e-5)
 
 

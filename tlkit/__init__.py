@@ -1,0 +1,60 @@
+"""tlkit: transfer learning for image recognition with Keras 3.
+
+Pretrained backbones that load offline, frozen-base classifiers, fine-tuning
+that avoids the BatchNorm / preprocessing / recompile traps, augmentation
+presets, data loading and a feature cache that makes CPU training fast.
+
+Example:
+    >>> import tlkit
+    >>> flowers = tlkit.data.load("tf_flowers")
+    >>> result = tlkit.train_run(flowers, tlkit.TrainConfig(epochs=10))
+"""
+
+import os as _os
+
+# TensorFlow's C++ start-up logs are noise for notebook users; an explicit setting wins.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__version__ = "0.1.0"
+
+from tlkit import augment, data, evaluation  # noqa: E402
+from tlkit.augment import build_augmentation, list_presets  # noqa: E402
+from tlkit.backbones import build_backbone, get_backbone, list_backbones  # noqa: E402
+from tlkit.features import FeatureSet, extract_features, train_head  # noqa: E402
+from tlkit.imagenet import decode_predictions  # noqa: E402
+from tlkit.models import (  # noqa: E402
+    build_classifier,
+    build_feature_extractor,
+    build_head,
+    fine_tune,
+    get_class_names,
+    unfreeze,
+)
+from tlkit.predict import load_classifier, predict_files  # noqa: E402
+from tlkit.training import RunResult, TrainConfig, train_run  # noqa: E402
+
+__all__ = [
+    "FeatureSet",
+    "RunResult",
+    "TrainConfig",
+    "augment",
+    "build_augmentation",
+    "build_backbone",
+    "build_classifier",
+    "build_feature_extractor",
+    "build_head",
+    "data",
+    "decode_predictions",
+    "evaluation",
+    "extract_features",
+    "fine_tune",
+    "get_backbone",
+    "get_class_names",
+    "list_backbones",
+    "list_presets",
+    "load_classifier",
+    "predict_files",
+    "train_head",
+    "train_run",
+    "unfreeze",
+]

@@ -184,9 +184,7 @@ def build_augmentation(
             f"{list(_SETTINGS)}. Received: overrides={overrides!r}"
         )
     if seed is not None and not isinstance(seed, (int, np.integer)):
-        raise ValueError(
-            f"`seed` must be an integer or None. Received: seed={seed!r}"
-        )
+        raise ValueError(f"`seed` must be an integer or None. Received: seed={seed!r}")
     settings = {**PRESETS[preset], **overrides}
     _validate_settings(settings)
 
@@ -389,8 +387,7 @@ def _validate_settings(settings: dict[str, Any]) -> None:
     fill_mode = settings["fill_mode"]
     if fill_mode not in _FILL_MODES:
         raise ValueError(
-            f"`fill_mode` must be one of {list(_FILL_MODES)}. "
-            f"Received: fill_mode={fill_mode!r}"
+            f"`fill_mode` must be one of {list(_FILL_MODES)}. Received: fill_mode={fill_mode!r}"
         )
     for name in _LAYER_SETTINGS[1:]:
         value = settings[name]
@@ -398,8 +395,7 @@ def _validate_settings(settings: dict[str, Any]) -> None:
             continue
         numbers = value if isinstance(value, (tuple, list)) else (value,)
         if not numbers or not all(
-            isinstance(number, (int, float)) and not isinstance(number, bool)
-            for number in numbers
+            isinstance(number, (int, float)) and not isinstance(number, bool) for number in numbers
         ):
             raise ValueError(
                 f"`{name}` must be a number, a (lower, upper) pair or None. "
@@ -407,9 +403,7 @@ def _validate_settings(settings: dict[str, Any]) -> None:
             )
 
 
-def _make_layer(
-    name: str, value: Any, fill_mode: str, seed: int | None
-) -> keras.layers.Layer:
+def _make_layer(name: str, value: Any, fill_mode: str, seed: int | None) -> keras.layers.Layer:
     if name == "flip":
         return keras.layers.RandomFlip(mode=value, seed=seed, name="random_flip")
     if name == "rotation":
@@ -417,9 +411,7 @@ def _make_layer(
             value, fill_mode=fill_mode, seed=seed, name="random_rotation"
         )
     if name == "zoom":
-        return keras.layers.RandomZoom(
-            value, fill_mode=fill_mode, seed=seed, name="random_zoom"
-        )
+        return keras.layers.RandomZoom(value, fill_mode=fill_mode, seed=seed, name="random_zoom")
     if name == "translation":
         return keras.layers.RandomTranslation(
             value, value, fill_mode=fill_mode, seed=seed, name="random_translation"

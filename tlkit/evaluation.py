@@ -83,8 +83,7 @@ def classification_metrics(
     num_classes = len(class_names)
     if num_classes < 2:
         raise ValueError(
-            "`class_names` must name at least two classes. "
-            f"Received: class_names={class_names!r}"
+            f"`class_names` must name at least two classes. Received: class_names={class_names!r}"
         )
     labels = _as_label_indices(y_true, num_classes)
     scores = _as_score_matrix(probabilities, num_classes)
@@ -180,7 +179,11 @@ def most_confused_pairs(
     if top < 0:
         raise ValueError(f"`top` must be zero or more. Received: top={top}")
     mistakes = [
-        (class_names[true_index], class_names[predicted_index], int(matrix[true_index, predicted_index]))
+        (
+            class_names[true_index],
+            class_names[predicted_index],
+            int(matrix[true_index, predicted_index]),
+        )
         for true_index in range(matrix.shape[0])
         for predicted_index in range(matrix.shape[1])
         if true_index != predicted_index and matrix[true_index, predicted_index] > 0
@@ -228,9 +231,7 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     for name, values in metrics["per_class"].items():
         lines.append(f"  {name:<{width}}  {values['recall']:6.1%}  (n={values['support']})")
     if "confusion_matrix" in metrics:
-        pairs = most_confused_pairs(
-            metrics["confusion_matrix"], list(metrics["per_class"]), top=3
-        )
+        pairs = most_confused_pairs(metrics["confusion_matrix"], list(metrics["per_class"]), top=3)
         if pairs:
             lines.append(
                 "Most confused (true -> predicted): "
@@ -321,8 +322,13 @@ def plot_training_curves(
     accuracy_axes.set_ylabel("Accuracy")
     if not any_accuracy:
         accuracy_axes.text(
-            0.5, 0.5, "no accuracy recorded", ha="center", va="center",
-            transform=accuracy_axes.transAxes, color="0.5",
+            0.5,
+            0.5,
+            "no accuracy recorded",
+            ha="center",
+            va="center",
+            transform=accuracy_axes.transAxes,
+            color="0.5",
         )
     for axes in (loss_axes, accuracy_axes):
         axes.set_xlabel("Epoch")
@@ -398,9 +404,14 @@ def plot_confusion_matrix(
         values_format=values_format,
         xticks_rotation="vertical" if num_classes > 6 else "horizontal",
         colorbar=True,
+        # A fixed 0..1 scale makes normalised plots comparable between models.
+        im_kw={"vmin": 0.0, "vmax": 1.0} if normalize else None,
     )
-    if normalize:
-        display.im_.set_clim(0, 1)
+    if normalize and display.text_ is not None:
+        # sklearn picks text colours from the data range, not the fixed 0..1
+        # scale, which leaves white text on pale cells; pick them from the scale.
+        for (row, column), text in np.ndenumerate(display.text_):
+            text.set_color("white" if matrix[row, column] > 0.5 else "black")
     axes.set_xlabel("Predicted class")
     axes.set_ylabel("True class")
     axes.set_title(
@@ -429,8 +440,7 @@ def _as_label_indices(y_true: Any, num_classes: int) -> np.ndarray:
         )
     if labels.size and not np.all(np.equal(np.mod(labels, 1), 0)):
         raise ValueError(
-            "`y_true` must hold integer class indices. "
-            f"Received: y_true[:5]={labels[:5].tolist()}"
+            f"`y_true` must hold integer class indices. Received: y_true[:5]={labels[:5].tolist()}"
         )
     labels = labels.astype(int)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -475,4 +485,4 @@ def _save_figure(figure: Figure, path: str | os.PathLike) -> None:
     path = Path(path)
     file_format = path.suffix.lstrip(".").lower() or "png"
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, format=file_format, dpi=120)
+        figure.savefig(temporary, format=file_format, dpi=120, bbox_inches="tight")

@@ -200,6 +200,7 @@ def train_head(
         epochs=epochs,
         callbacks=callbacks,
         verbose=verbose,
+        shuffle=False,  # The dataset shuffles itself.
     )
     return history.history
 

@@ -23,6 +23,37 @@ from tlkit.backbones.preprocessing import ImagePreprocessing
 # ---------------------------------------------------------------------------
 
 
+@keras.saving.register_keras_serializable(package="tlkit")
+class ClassNames(keras.layers.Layer):
+    """An identity layer that carries the class names inside a saved model.
+
+    Args:
+        class_names: The class names, in label order.
+    """
+
+    def __init__(self, class_names: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.class_names = [str(name) for name in class_names]
+
+    def call(self, inputs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "class_names": self.class_names}
+
+
+def get_class_names(model: keras.Model) -> list[str] | None:
+    """The class names stored in a tlkit classifier, or None if it has none."""
+    for layer in model.layers:
+        if isinstance(layer, ClassNames):
+            return list(layer.class_names)
+    return None
+
+
+
 def build_head(
     feature_width: int, num_classes: int, dropout_rate: float = 0.2, name: str = "head"
 ) -> keras.Model:
@@ -82,6 +113,7 @@ def build_classifier(
     learning_rate: float = 1e-3,
     base: keras.Model | None = None,
     head: keras.Model | None = None,
+    class_names: list[str] | None = None,
 ) -> keras.Model:
     """A frozen pretrained base with a new head, compiled and ready to fit.
 
@@ -103,6 +135,9 @@ def build_classifier(
             feature cache). Defaults to None (build it).
         head: An already trained head from `build_head` to reuse. Defaults to
             None (build a new one).
+        class_names: Names of the classes, stored in the model (see
+            `get_class_names`) so a saved model predicts labels by name.
+            Defaults to None.
 
     Returns:
         A compiled `keras.Model` with integer-label sparse categorical loss.
@@ -137,6 +172,13 @@ def build_classifier(
         x = augmentation(x)
     x = base(x, training=False)
     outputs = head(x)
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise ValueError(
+                f"Got {len(class_names)} class names for num_classes={num_classes}. "
+                f"Received: class_names={list(class_names)[:10]}"
+            )
+        outputs = ClassNames(list(class_names), name="class_names")(outputs)
     model = keras.Model(inputs, outputs, name=f"{backbone}_classifier")
     compile_classifier(model, learning_rate=learning_rate)
     return model

@@ -147,8 +147,7 @@ class ImageSplit:
                 )
             if images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
                 raise ValueError(
-                    "`images` must have 1, 3 or 4 channels. "
-                    f"Received: images.shape={images.shape}"
+                    f"`images` must have 1, 3 or 4 channels. Received: images.shape={images.shape}"
                 )
             self.images = images
         count = len(self.paths) if self.paths is not None else len(self.images)
@@ -204,7 +203,7 @@ class ImageSplit:
         digest = hashlib.sha256()
         digest.update(f"classes={self.class_names!r}\n".encode())
         if self.paths is not None:
-            for path, label in zip(self.paths, self.labels):
+            for path, label in zip(self.paths, self.labels, strict=True):
                 try:
                     stat = os.stat(path)
                     size, mtime = stat.st_size, stat.st_mtime_ns
@@ -339,7 +338,8 @@ class ImageSplit:
 
         size = normalize_image_size(image_size) or self.image_size
         if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
             or batch_size <= 0
         ):
             raise ValueError(
@@ -505,5 +505,7 @@ def stratified_indices(
             parts[part].append(members[start : start + count])
             start += count
         parts[0].append(members[start:])
-    return [np.sort(np.concatenate(chunks)).astype(np.int64) if chunks else np.array([], np.int64)
-            for chunks in parts]
+    return [
+        np.sort(np.concatenate(chunks)).astype(np.int64) if chunks else np.array([], np.int64)
+        for chunks in parts
+    ]

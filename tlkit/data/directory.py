@@ -106,9 +106,7 @@ def from_directory(
     if split_folders is not None:
         train_folder = split_folders.pop("train")
         class_names, train_files = _scan_classes(train_folder, report, require_all=True)
-        splits = {
-            "train": _make_split("train", class_names, train_files, report, root, size)
-        }
+        splits = {"train": _make_split("train", class_names, train_files, report, root, size)}
         for split_name, folder in split_folders.items():
             names, files = _scan_classes(folder, report, require_all=False)
             unknown = sorted(set(names) - set(class_names))
@@ -212,7 +210,7 @@ def _scan_classes(
         reasons = list(pool.map(check_image, [path for path, _ in candidates]))
     files: list[tuple[str, int]] = []
     skipped_per_class = [0] * len(class_names)
-    for (path, label), reason in zip(candidates, reasons):
+    for (path, label), reason in zip(candidates, reasons, strict=True):
         if reason is None:
             files.append((path, label))
         else:
@@ -228,7 +226,7 @@ def _scan_classes(
         )
     counts = np.bincount([label for _, label in files], minlength=len(class_names))
     if require_all:
-        empty = [name for name, count in zip(class_names, counts) if count == 0]
+        empty = [name for name, count in zip(class_names, counts, strict=True) if count == 0]
         if empty:
             details = ", ".join(
                 f"{name!r} ({skipped_per_class[class_names.index(name)]} unreadable)"

@@ -1,0 +1,20 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    """The real datasets folder ($TLKIT_DATA_DIR); skips the test when it is missing."""
+    folder = os.environ.get("TLKIT_DATA_DIR")
+    if not folder or not Path(folder).is_dir():
+        pytest.skip(
+            f"shared datasets not found (TLKIT_DATA_DIR={folder!r}): "
+            "set TLKIT_DATA_DIR to ../shared/datasets"
+        )
+    return Path(folder)

@@ -1,0 +1,182 @@
+"""The command line: `python -m tlkit train | predict | backbones | datasets`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEMO_DATASET = "tf_flowers"
+FALLBACK_DATASET = "fashion_mnist_small"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    if not getattr(arguments, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return arguments.handler(arguments)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # User errors: one clear line, no traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tlkit", description="Transfer learning for image classification."
+    )
+    commands = parser.add_subparsers(dest="command")
+
+    train = commands.add_parser(
+        "train", help="train a classifier on a folder of images or a named dataset",
+        description="Trains a frozen-base classifier with the feature cache, optionally "
+        "fine-tunes the top blocks, evaluates and writes a run folder.",
+    )
+    train.add_argument(
+        "data", nargs="?", default=None,
+        help="a class-per-folder image directory, or a dataset name (see `datasets`). "
+        f"Default: {DEMO_DATASET} when available, else the embedded {FALLBACK_DATASET}.",
+    )
+    train.add_argument("--backbone", default="efficientnet_lite0", help="see `backbones` (default: %(default)s)")
+    train.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's)")
+    train.add_argument("--epochs", type=int, default=20, help="head epochs on cached features (default: %(default)s)")
+    train.add_argument("--fine-tune-epochs", type=int, default=0, help="epochs with the top blocks unfrozen (default: %(default)s)")
+    train.add_argument("--fine-tune-blocks", type=int, default=2, help="blocks to unfreeze (default: %(default)s)")
+    train.add_argument("--views", type=int, default=1, help="feature views per training image, extra ones augmented (default: %(default)s)")
+    train.add_argument("--augmentation", default="natural", help="augmentation preset (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--validation-split", type=float, default=0.2, help="for folders without a validation split (default: %(default)s)")
+    train.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<backbone>)")
+    train.add_argument("--overwrite", action="store_true", help="replace the files of an existing run folder")
+    train.add_argument("--compare-scratch", action="store_true", help="also train a small CNN from scratch for the same wall time")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train)
+
+    predict = commands.add_parser("predict", help="print the top classes for images")
+    predict.add_argument("model", help="a model.keras written by `train`")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.set_defaults(handler=_predict)
+
+    backbones = commands.add_parser("backbones", help="list the pretrained backbones")
+    backbones.set_defaults(handler=_backbones)
+
+    datasets = commands.add_parser("datasets", help="list the named datasets")
+    datasets.set_defaults(handler=_datasets)
+    return parser
+
+
+def resolve_data(data: str | None, validation_split: float = 0.2, seed: int = 42, log=print):
+    """A dataset from a folder path, a catalog name, or the demo default.
+
+    With no `data`, uses `tf_flowers` when it resolves (TLKIT_DATA_DIR, the
+    cache, or a download) and falls back to the embedded Fashion-MNIST subset,
+    saying which one it used and why.
+    """
+    from tlkit import data as tlkit_data
+
+    if data is None:
+        try:
+            dataset = tlkit_data.load(DEMO_DATASET, seed=seed)
+            log(f"Data: {DEMO_DATASET} (real photos; the demo default).")
+            return dataset
+        except tlkit_data.DatasetNotFoundError as error:
+            first_line = str(error).splitlines()[0]
+            log(
+                f"Data: {DEMO_DATASET} is not available here ({first_line}). Using the "
+                f"embedded {FALLBACK_DATASET} instead (28 px grey clothing: far from ImageNet, "
+                "so transfer helps less). Set TLKIT_DATA_DIR to a folder with flower_photos/ "
+                "to use real photos."
+            )
+            return tlkit_data.load(FALLBACK_DATASET, seed=seed)
+    if Path(data).exists():
+        dataset = tlkit_data.from_directory(data, validation_split=validation_split, seed=seed)
+        log(f"Data: folder {data}: {dataset}.")
+        return dataset
+    if data in tlkit_data.list_datasets():
+        dataset = tlkit_data.load(data, seed=seed)
+        log(f"Data: {data}: {dataset}.")
+        return dataset
+    raise FileNotFoundError(
+        f"DATA is neither an existing folder nor a dataset name. Pass a folder with one "
+        f"sub-folder of images per class, or one of {tlkit_data.list_datasets()}. "
+        f"Received: data={data!r}"
+    )
+
+
+def _train(arguments) -> int:
+    from tlkit.evaluation import format_summary
+    from tlkit.training import TrainConfig, prepare_run_folder, train_run
+
+    config = TrainConfig(
+        backbone=arguments.backbone, image_size=arguments.image_size, epochs=arguments.epochs,
+        fine_tune_epochs=arguments.fine_tune_epochs, fine_tune_blocks=arguments.fine_tune_blocks,
+        views=arguments.views, augmentation=arguments.augmentation,
+        batch_size=arguments.batch_size, seed=arguments.seed,
+    )
+    if arguments.out:
+        out = Path(arguments.out)
+    else:
+        name = Path(arguments.data).name if arguments.data else "demo"
+        out = Path("runs") / f"{name}-{arguments.backbone}"
+    prepare_run_folder(out, arguments.overwrite)  # Fail before the slow part.
+    dataset = resolve_data(arguments.data, arguments.validation_split, arguments.seed)
+    if dataset.report.skipped:
+        print(dataset.report)
+    result = train_run(
+        dataset, config, out=out, overwrite=True, progress=not arguments.no_progress
+    )
+    print(format_summary(result.metrics))
+    if arguments.compare_scratch:
+        from tlkit.scratch import compare_with_scratch
+
+        comparison = compare_with_scratch(
+            dataset, result.metrics, seconds=result.metrics["timings"]["total_s"],
+            image_size=96, seed=config.seed,
+        )
+        result.metrics["scratch_comparison"] = comparison
+        from tlkit._io import write_json
+
+        write_json(out / "metrics.json", result.metrics)
+    print(f"Run written to {out}/ (model.keras, metrics.json, training_curves.png, confusion_matrix.png)")
+    return 0
+
+
+def _predict(arguments) -> int:
+    from tlkit.predict import load_classifier, predict_files
+
+    model = load_classifier(arguments.model)
+    for path, ranked in predict_files(model, arguments.images, top_k=arguments.top_k):
+        labels = ", ".join(f"{name} {score:.3f}" for name, score in ranked)
+        print(f"{path}: {labels}")
+    return 0
+
+
+def _backbones(arguments) -> int:
+    from tlkit.backbones import get_backbone, list_backbones
+
+    for name in list_backbones():
+        spec = get_backbone(name)
+        print(f"{name:20s} {spec.image_size:4d}px  {spec.description}")
+    return 0
+
+
+def _datasets(arguments) -> int:
+    from tlkit import data as tlkit_data
+
+    for name in tlkit_data.list_datasets():
+        info = tlkit_data.dataset_info(name)
+        print(f"{name:24s} {info.get('description', info.get('source', ''))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The main job: feature-cache training, optional fine-tuning, evaluation, a run folder.
+
+`train_run` is what `python -m tlkit train` calls; notebooks can call it too.
+A run folder holds `model.keras`, `metrics.json`, `training_curves.png` and
+`confusion_matrix.png`. An existing, non-empty run folder is never
+overwritten unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tlkit import evaluation
+from tlkit._io import atomic_path, write_json
+from tlkit.backbones import get_backbone
+from tlkit.features import extract_features, train_head
+from tlkit.models import build_classifier, build_feature_extractor, build_head, unfreeze
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run; every field has a sensible default.
+
+    Attributes:
+        backbone: Registry name of the pretrained base.
+        image_size: Square input size; None means the backbone's default.
+        epochs: Head epochs on cached features.
+        fine_tune_epochs: Epochs with the top blocks unfrozen (on images).
+        fine_tune_blocks: How many blocks to unfreeze, counted from the output.
+        views: Feature views per training image (1 plain + views-1 augmented).
+        augmentation: `tlkit.augment` preset for the extra views and fine-tuning.
+        batch_size: Batch size for images.
+        learning_rate: Head learning rate.
+        fine_tune_learning_rate: Learning rate after unfreezing.
+        dropout_rate: Dropout before the classifier.
+        seed: Seed for splits, shuffling, augmentation and initialisation.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    image_size: int | None = None
+    epochs: int = 20
+    fine_tune_epochs: int = 0
+    fine_tune_blocks: int = 2
+    views: int = 1
+    augmentation: str = "natural"
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-5
+    dropout_rate: float = 0.2
+    seed: int = 42
+
+    def __post_init__(self):
+        get_backbone(self.backbone)  # Raises on an unknown name, listing valid ones.
+        for name in ("epochs", "fine_tune_epochs", "fine_tune_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer. Received: {name}={value!r}")
+        if not isinstance(self.views, int) or self.views < 1:
+            raise ValueError(f"views must be at least 1. Received: views={self.views!r}")
+        if self.epochs == 0 and self.fine_tune_epochs == 0:
+            raise ValueError("Nothing to train: epochs and fine_tune_epochs are both 0.")
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the model, its metrics and where they were written."""
+
+    model: keras.Model
+    metrics: dict
+    histories: dict = field(default_factory=dict)
+    out: Path | None = None
+
+
+def prepare_run_folder(out: str | Path, overwrite: bool = False) -> Path:
+    """Creates the run folder, refusing to overwrite a non-empty one.
+
+    Raises:
+        FileExistsError: If `out` exists, is not empty and `overwrite` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"The run folder is a file. Choose another --out. Received: out={out}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"The run folder {out} already holds a run. Choose another --out, or pass "
+            f"--overwrite (overwrite=True) to replace its files. Received: out={out}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train_run(
+    dataset,
+    config: TrainConfig | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> RunResult:
+    """Trains a transfer-learning classifier the fast way and evaluates it.
+
+    1. Extract (and cache) frozen-base features, `views` per training image.
+    2. Train the new head on those features.
+    3. Optionally unfreeze the top blocks (BatchNorm frozen) and fine-tune on
+       images with augmentation.
+    4. Evaluate on the test split (else validation) end to end on images.
+
+    Args:
+        dataset: A `tlkit.data.ImageDataset`.
+        config: A `TrainConfig`. Defaults to `TrainConfig()`.
+        out: Run folder to write, or None to write nothing. Defaults to None.
+        overwrite: Replace files in an existing run folder. Defaults to False.
+        progress: Show progress bars. Defaults to True.
+        log: Function for short status lines. Defaults to `print`.
+
+    Returns:
+        A `RunResult`.
+    """
+    config = config or TrainConfig()
+    if out is not None:
+        out = prepare_run_folder(out, overwrite)
+    keras.utils.set_random_seed(config.seed)
+    spec = get_backbone(config.backbone)
+    image_size = config.image_size or spec.image_size
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    clock = time.perf_counter()
+    base = build_feature_extractor(config.backbone, image_size)
+    timings["build_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    train_features = extract_features(
+        base, dataset.train, image_size, views=config.views,
+        augmentation=config.augmentation if config.views > 1 else None,
+        seed=config.seed, progress=progress,
+    )
+    validation_split = dataset.validation
+    validation_features = (
+        extract_features(base, validation_split, image_size, progress=progress)
+        if validation_split is not None else None
+    )
+    timings["feature_extraction_s"] = time.perf_counter() - clock
+    cache_hits = [f.from_cache for f in (train_features, validation_features) if f is not None]
+    log(
+        f"Features: {len(train_features)} training vectors ({config.views} view(s) per image)"
+        + (" from the cache" if all(cache_hits) else "")
+        + f" in {timings['feature_extraction_s']:.1f} s."
+    )
+
+    histories: dict[str, dict] = {}
+    head = build_head(spec.feature_width, dataset.num_classes, config.dropout_rate)
+    clock = time.perf_counter()
+    if config.epochs:
+        histories["head"] = train_head(
+            head, train_features, validation_features, epochs=config.epochs,
+            learning_rate=config.learning_rate, seed=config.seed,
+        )
+    timings["head_training_s"] = time.perf_counter() - clock
+    log(f"Head: {config.epochs} epochs on cached features in {timings['head_training_s']:.1f} s.")
+
+    model = build_classifier(
+        config.backbone, dataset.num_classes, image_size,
+        augmentation=config.augmentation if config.fine_tune_epochs else None,
+        base=base, head=head, class_names=dataset.class_names,
+    )
+    clock = time.perf_counter()
+    if config.fine_tune_epochs:
+        blocks = unfreeze(model, config.fine_tune_blocks, config.fine_tune_learning_rate)
+        log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
+        train_images = dataset.train.to_dataset(
+            image_size, batch_size=config.batch_size, shuffle=True, seed=config.seed
+        )
+        validation_images = (
+            validation_split.to_dataset(image_size, batch_size=config.batch_size * 2)
+            if validation_split is not None else None
+        )
+        history = model.fit(
+            train_images, validation_data=validation_images, epochs=config.fine_tune_epochs,
+            verbose=1 if progress else 0, shuffle=False,  # The dataset shuffles itself.
+        )
+        histories["fine_tune"] = history.history
+    timings["fine_tuning_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    evaluation_split = dataset.test if dataset.test is not None else validation_split
+    metrics: dict = {}
+    if evaluation_split is not None:
+        probabilities, labels = predict_split(model, evaluation_split, image_size, config.batch_size * 2)
+        metrics = evaluation.classification_metrics(labels, probabilities, dataset.class_names)
+        metrics["evaluated_on"] = evaluation_split.name
+    timings["evaluation_s"] = time.perf_counter() - clock
+    timings["total_s"] = time.perf_counter() - started
+
+    metrics.update(
+        {
+            "dataset": {
+                "name": dataset.name,
+                "class_names": dataset.class_names,
+                "sizes": {name: len(split) for name, split in dataset.splits.items()},
+                "fingerprints": {name: split.fingerprint() for name, split in dataset.splits.items()},
+                "skipped_files": [list(item) for item in dataset.report.skipped],
+            },
+            "config": {**asdict(config), "image_size": image_size},
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "feature_cache": {"hits": cache_hits},
+            "seed": config.seed,
+            "versions": versions(),
+            "histories": histories,
+        }
+    )
+    if out is not None:
+        write_run(out, model, metrics, histories)
+    return RunResult(model=model, metrics=metrics, histories=histories, out=out)
+
+
+def predict_split(model: keras.Model, split, image_size: int, batch_size: int = 64):
+    """Class probabilities and true labels for every readable image of a split."""
+    probabilities, labels = [], []
+    for images, targets in split.to_dataset(image_size, batch_size=batch_size):
+        probabilities.append(model.predict_on_batch(images))
+        labels.append(targets.numpy())
+    return np.concatenate(probabilities), np.concatenate(labels)
+
+
+def write_run(out: Path, model: keras.Model, metrics: dict, histories: dict) -> None:
+    """Writes the model, metrics and plots of a run, each file atomically."""
+    with atomic_path(out / "model.keras") as temporary:
+        model.save(temporary)
+    write_json(out / "metrics.json", metrics)
+    if histories:
+        evaluation.plot_training_curves(histories, out / "training_curves.png")
+    if "confusion_matrix" in metrics:
+        evaluation.plot_confusion_matrix(
+            np.asarray(metrics["confusion_matrix"]), metrics["dataset"]["class_names"],
+            out / "confusion_matrix.png",
+        )
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a result."""
+    import tensorflow as tf
+
+    import tlkit
+
+    return {
+        "tlkit": tlkit.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }

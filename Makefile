@@ -22,7 +22,7 @@ $(STAMP):
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m tlkit train --out runs/demo --overwrite
+	$(BIN)/python -m tlkit train --epochs 10 --fine-tune-epochs 1 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/ruff check tlkit tests

@@ -1,0 +1,90 @@
+"""Helpers for the teaching notebooks: QUICK mode, set-up checks, stopping politely.
+
+The notebooks import these instead of redefining them, so every notebook
+checks its environment and handles missing data the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+class StopNotebook(Exception):
+    """Stops a notebook run after a plain message, without a traceback.
+
+    IPython shows nothing for exceptions whose `_render_traceback_` returns an
+    empty list, so the message printed before raising is all the user sees.
+    """
+
+    def _render_traceback_(self):
+        return []
+
+
+def quick_mode() -> bool:
+    """Whether the notebook runs in QUICK mode (`QUICK=1` in the environment).
+
+    QUICK mode shrinks data and epochs so a notebook runs in about 3 minutes
+    on a 2-core CPU; the test suite sets it.
+    """
+    return os.environ.get("QUICK", "").lower() in ("1", "true", "yes")
+
+
+def in_colab() -> bool:
+    """Whether this runs inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def check_environment() -> dict[str, str]:
+    """Prints and returns the versions that matter, warning about known problems.
+
+    Returns:
+        Component name -> version.
+
+    Raises:
+        StopNotebook: If Keras 2 is active (tlkit needs Keras 3).
+    """
+    import keras
+    import tensorflow as tf
+
+    import tlkit
+
+    versions = {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "tlkit": tlkit.__version__,
+    }
+    print("  ".join(f"{name} {version}" for name, version in versions.items()))
+    if int(keras.__version__.split(".")[0]) < 3:
+        print("tlkit needs Keras 3: `pip install -U keras` and restart the runtime.")
+        raise StopNotebook("Keras 3 required")
+    gpus = tf.config.list_physical_devices("GPU")
+    print(f"Running on {'GPU: ' + gpus[0].name if gpus else 'CPU'}; QUICK mode is {'on' if quick_mode() else 'off'}.")
+    return versions
+
+
+def load_dataset_or_stop(name: str, **kwargs):
+    """`tlkit.data.load(name)`, or a plain message and a stop when it is missing.
+
+    Args:
+        name: A catalog name.
+        **kwargs: Passed to `tlkit.data.load`.
+
+    Returns:
+        The `ImageDataset`.
+
+    Raises:
+        StopNotebook: If the dataset cannot be found (after the message).
+    """
+    from tlkit import data
+
+    try:
+        return data.load(name, **kwargs)
+    except data.DatasetNotFoundError as error:
+        print(
+            f"This notebook needs the `{name}` dataset, which is not available here.\n{error}\n"
+            "The rest of the notebook is skipped."
+        )
+        raise StopNotebook(name) from None

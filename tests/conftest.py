@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,12 @@ def shared_datasets() -> Path:
             "set TLKIT_DATA_DIR to ../shared/datasets"
         )
     return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tlkit_cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """One $TLKIT_CACHE_DIR for the whole session, so offline weights convert once."""
+    folder = tmp_path_factory.mktemp("tlkit_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLKIT_CACHE_DIR", str(folder))
+        yield folder

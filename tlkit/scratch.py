@@ -86,7 +86,7 @@ def compare_with_scratch(
     model = build_scratch_cnn(dataset.num_classes, image_size, seed)
     train = dataset.train.to_dataset(image_size, batch_size=batch_size, shuffle=True, seed=seed)
     budget = TimeBudget(seconds)
-    history = model.fit(train, epochs=1000, callbacks=[budget], verbose=0)
+    history = model.fit(train, epochs=1000, callbacks=[budget], verbose=0, shuffle=False)
     split = dataset.test if dataset.test is not None else dataset.validation
     probabilities, labels = predict_split(model, split, image_size)
     accuracy = float(np.mean(np.argmax(probabilities, axis=1) == labels))

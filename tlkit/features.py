@@ -7,7 +7,7 @@ image), stores them on disk, and trains the head on them in seconds.
 
 The cache key covers everything that changes the features: the base's actual
 weight values (so a fine-tuned base never reuses stale features), its name,
-the image size, the dataset split's fingerprint, the augmentation config, the
+its input preprocessing mode (which has no weights), the image size, the dataset split's fingerprint, the augmentation config, the
 number of views and the seed.
 """
 
@@ -66,6 +66,34 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
+def preprocessing_modes(model: keras.Model) -> list[str]:
+    """The modes of the `ImagePreprocessing` layers inside a model, outermost first.
+
+    Preprocessing has no weights, so `weights_fingerprint` cannot tell a base
+    built with `build_backbone(..., preprocessing="tf")` from the original; the
+    feature cache key includes these modes as well.
+
+    Args:
+        model: A Keras model, possibly with nested models.
+
+    Returns:
+        A list of mode names, e.g. `["torch"]`; empty when there is none.
+
+    Example:
+        >>> preprocessing_modes(tlkit.build_backbone("mobilenet_v2", weights=None))
+        ['torch']
+    """
+    from tlkit.backbones.preprocessing import ImagePreprocessing
+
+    modes = []
+    for layer in model.layers:
+        if isinstance(layer, ImagePreprocessing):
+            modes.append(layer.mode)
+        elif isinstance(layer, keras.Model):
+            modes.extend(preprocessing_modes(layer))
+    return modes
+
+
 def cache_key(
     base: keras.Model, split, image_size: int, views: int, augmentation, seed: int
 ) -> str:
@@ -74,6 +102,7 @@ def cache_key(
         "format": _FORMAT_VERSION,
         "base": base.name,
         "weights": weights_fingerprint(base),
+        "preprocessing": preprocessing_modes(base),
         "image_size": int(image_size),
         "data": split.fingerprint(),
         "views": int(views),

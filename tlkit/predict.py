@@ -47,7 +47,7 @@ def predict_files(model: keras.Model, paths, top_k: int = 3):
         probabilities = np.asarray(model.predict_on_batch(image[None]))[0]
         best = np.argsort(-probabilities)[:top_k]
         labels = [names[i] if names else str(i) for i in best]
-        results.append((str(path), [(label, float(probabilities[i])) for label, i in zip(labels, best)]))
+        results.append((str(path), [(label, float(probabilities[i])) for label, i in zip(labels, best, strict=True)]))
     return results
 
 

@@ -14,7 +14,6 @@ int64 element count.
 from __future__ import annotations
 
 import collections
-import io
 import pickle
 import struct
 from typing import BinaryIO
@@ -108,7 +107,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(
             f"Refusing to load `{module}.{name}`: a weights file may only contain "
             "tensors in an OrderedDict. The file is not a plain PyTorch state_dict, "
-            "or it tries to run code. Received: global={module}.{name}"
+            f"or it tries to run code. Received: global={module}.{name}"
         )
 
     def persistent_load(self, pid):
@@ -133,7 +132,7 @@ def _load_plain(file: BinaryIO, what: str):
     except UnsafePickleError:
         raise
     except Exception as error:  # A corrupt header: say which part.
-        raise pickle.UnpicklingError(f"Could not read the {what} of the weights file: {error}")
+        raise pickle.UnpicklingError(f"Could not read the {what} of the weights file: {error}") from error
 
 
 def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
@@ -167,11 +166,21 @@ def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
         if not sys_info.get("little_endian", True):
             raise ValueError(f"Big-endian PyTorch files are not supported. Received: path={path}")
         storages: dict = {}
-        state = _RestrictedUnpickler(file, storages).load()
+        try:
+            state = _RestrictedUnpickler(file, storages).load()
+        except UnsafePickleError:
+            raise
+        except Exception as error:  # Truncated or corrupt: say which part.
+            raise pickle.UnpicklingError(
+                f"Could not read the state_dict of the weights file: {error}. Received: path={path}"
+            ) from error
         storage_keys = _load_plain(file, "storage key list")
         for key in storage_keys:
             storage = storages[key]
-            (count,) = struct.unpack("<q", file.read(8))
+            header = file.read(8)  # The element count; missing when the file ends here.
+            if len(header) != 8:
+                raise ValueError(f"Weights file is truncated. Received: path={path}")
+            (count,) = struct.unpack("<q", header)
             data = file.read(count * storage.dtype.itemsize)
             if len(data) != count * storage.dtype.itemsize:
                 raise ValueError(f"Weights file is truncated. Received: path={path}")

@@ -8,7 +8,6 @@ the spirit of timm's `create_model` / `list_models`.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -18,9 +17,10 @@ from typing import Callable
 
 import keras
 
-from tlkit._io import atomic_path, cache_dir
+from tlkit._io import atomic_path, cache_dir, sha256_file
 from tlkit.backbones import _inverted_residual, efficientnet_lite, mobilenet_v2
 from tlkit.backbones._torch_pickle import load_state_dict
+from tlkit.backbones.preprocessing import PREPROCESSING_MODES
 
 
 class WeightsNotAvailableError(FileNotFoundError):
@@ -117,14 +117,6 @@ def weights_file(spec: BackboneSpec) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def converted_weights_path(spec: BackboneSpec) -> Path:
     """Converts a PyTorch weights file to a Keras `.weights.h5` once, and caches it.
 
@@ -141,7 +133,7 @@ def converted_weights_path(spec: BackboneSpec) -> Path:
         ValueError: If the file's sha256 differs from the registered one.
     """
     source_path = weights_file(spec)
-    digest = _sha256(source_path)
+    digest = sha256_file(source_path)
     if spec.weights.sha256 and digest != spec.weights.sha256:
         raise ValueError(
             f"The weights file for `{spec.name}` does not match its registered sha256 "
@@ -161,9 +153,9 @@ def converted_weights_path(spec: BackboneSpec) -> Path:
     return target
 
 
-def _build_offline(spec: BackboneSpec, input_shape, weights, include_top):
+def _build_offline(spec: BackboneSpec, input_shape, weights, include_top, preprocessing):
     config, _ = _OFFLINE_NETWORKS[spec.name]
-    model = _inverted_residual.build_network(config, spec.name, spec.preprocessing, input_shape)
+    model = _inverted_residual.build_network(config, spec.name, preprocessing, input_shape)
     if weights == "imagenet":
         model.load_weights(str(converted_weights_path(spec)))
     elif weights is not None:
@@ -197,7 +189,7 @@ def _keras_cache_file(name: str) -> Path:
     return keras_home / "models" / _KERAS_WEIGHT_FILES[name]
 
 
-def _build_keras_application(spec: BackboneSpec, input_shape, weights, include_top):
+def _build_keras_application(spec: BackboneSpec, input_shape, weights, include_top, preprocessing):
     application = getattr(keras.applications, spec._builder)
     if weights == "imagenet" and not _keras_cache_file(spec.name).is_file() and _offline():
         offline_names = ", ".join(n for n, s in BACKBONES.items() if s.offline)
@@ -210,7 +202,7 @@ def _build_keras_application(spec: BackboneSpec, input_shape, weights, include_t
     inputs = keras.Input(shape=input_shape, name="image")
     from tlkit.backbones.preprocessing import ImagePreprocessing
 
-    x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(inputs)
+    x = ImagePreprocessing(preprocessing, name="preprocessing")(inputs)
     # Static spatial sizes are required by some applications (VGG16 with a top).
     shape = input_shape if input_shape[0] else (spec.image_size, spec.image_size, 3)
     try:
@@ -352,6 +344,7 @@ def build_backbone(
     image_size: int | None = None,
     weights: str | os.PathLike | None = "imagenet",
     include_top: bool = False,
+    preprocessing: str | None = None,
 ) -> keras.Model:
     """Builds a pretrained backbone that takes raw 0..255 RGB images.
 
@@ -363,6 +356,11 @@ def build_backbone(
             `.weights.h5` file. Defaults to `"imagenet"`.
         include_top: Keep the 1000-class ImageNet classifier. Without it the
             model outputs the pooled feature vector. Defaults to False.
+        preprocessing: Replaces the `ImagePreprocessing` mode the weights were
+            trained with (`get_backbone(name).preprocessing`) by another of
+            `PREPROCESSING_MODES`. Only for experiments that show what a
+            mismatched input normalisation costs; the pretrained weights stay
+            the same. None keeps the backbone's own mode. Defaults to None.
 
     Returns:
         A `keras.Model` with preprocessing inside.
@@ -384,7 +382,14 @@ def build_backbone(
             f"keras.applications builds `{name}` with its ImageNet head only at "
             f"{spec.image_size} px. Received: image_size={image_size}"
         )
+    if preprocessing is None:
+        preprocessing = spec.preprocessing
+    elif preprocessing not in PREPROCESSING_MODES:
+        raise ValueError(
+            f"Unknown preprocessing mode. Expected one of {PREPROCESSING_MODES} or None (the "
+            f"backbone's own, {spec.preprocessing!r}). Received: preprocessing={preprocessing!r}"
+        )
     input_shape = (image_size, image_size, 3) if image_size else (None, None, 3)
     if spec.offline:
-        return _build_offline(spec, input_shape, weights, include_top)
-    return _build_keras_application(spec, input_shape, weights, include_top)
+        return _build_offline(spec, input_shape, weights, include_top, preprocessing)
+    return _build_keras_application(spec, input_shape, weights, include_top, preprocessing)

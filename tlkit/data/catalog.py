@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from tlkit._io import atomic_path, cache_dir
+from tlkit._io import atomic_path, cache_dir, sha256_file
 from tlkit.data.dataset import DataReport, ImageDataset, ImageSplit
 from tlkit.data.directory import from_directory
 
@@ -444,7 +444,7 @@ def _download(entry: _Entry, target: Path) -> Path:
 
 
 def _fetch(download: _Download, destination: Path) -> Path:
-    if destination.is_file() and download.sha256 and _sha256(destination) == download.sha256:
+    if destination.is_file() and download.sha256 and sha256_file(destination) == download.sha256:
         return destination
     print(f"tlkit: downloading {download.url} -> {destination}")
     digest = hashlib.sha256()
@@ -466,14 +466,6 @@ def _fetch(download: _Download, destination: Path) -> Path:
                 f"(from {download.source_of_checksum}), got {actual}; the file was discarded"
             )
     return destination
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:

@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 import tlkit
+from tlkit._io import sha256_file
 from tlkit.backbones import (
     BACKBONES,
     ImagePreprocessing,
@@ -21,7 +22,7 @@ from tlkit.backbones import (
     list_backbones,
 )
 from tlkit.backbones._torch_pickle import load_state_dict
-from tlkit.backbones.registry import _sha256, weights_file
+from tlkit.backbones.registry import weights_file
 
 pytestmark = pytest.mark.usefixtures("tlkit_cache_dir")
 
@@ -97,10 +98,11 @@ def test_converted_weights_are_the_checkpoint_tensors(name):
 
 @backbone_table
 def test_feature_extractor_shape_and_any_input_size(name):
-    extractor = tlkit.build_feature_extractor(name, image_size=64)
-    assert extractor.output_shape == (None, 1280)
-    assert extractor.trainable_weights == []
-
+    flexible = tlkit.build_feature_extractor(name, image_size=None)
+    assert flexible.output_shape == (None, 1280)
+    assert flexible.trainable_weights == []
+    # The extractor defaults to the backbone's size; build_backbone takes any size.
+    assert flexible.input_shape == (None, 224, 224, 3)
     flexible = build_backbone(name, image_size=None)
     assert flexible.input_shape == (None, None, None, 3)
     rng = np.random.default_rng(0)
@@ -167,7 +169,7 @@ def test_converted_weights_are_cached_by_source_sha(name, tmp_path, monkeypatch)
     spec = get_backbone(name)
     first = converted_weights_path(spec)
     assert first.parent == tmp_path / "weights"
-    assert first.name == f"{name}-{_sha256(weights_file(spec))[:16]}.weights.h5"
+    assert first.name == f"{name}-{sha256_file(weights_file(spec))[:16]}.weights.h5"
     assert spec.weights.sha256[:16] in first.name
     written = first.stat().st_mtime_ns
     second = converted_weights_path(spec)

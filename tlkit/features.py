@@ -50,6 +50,23 @@ class FeatureSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def first_view(self) -> FeatureSet:
+        """The un-augmented features only (view 0), as a one-view `FeatureSet`.
+
+        View 0 of `extract_features(..., views=K)` is the plain image, so one
+        extraction serves both a plain and an augmented head.
+
+        Returns:
+            A `FeatureSet` with `len(self) // self.views` rows and `views=1`.
+
+        Example:
+            >>> augmented = extract_features(base, few, views=5, augmentation="natural")
+            >>> len(augmented.first_view()) == len(few)
+            True
+        """
+        count = len(self.labels) // self.views
+        return FeatureSet(self.features[:count], self.labels[:count], 1, self.path, self.from_cache)
+
     def to_dataset(self, batch_size: int = 64, shuffle: bool = False, seed: int | None = None):
         """A `tf.data.Dataset` of (features, labels) batches."""
         dataset = tf.data.Dataset.from_tensor_slices((self.features, self.labels))
@@ -167,7 +184,9 @@ def extract_features(
             with np.load(path, allow_pickle=False) as stored:
                 return FeatureSet(stored["features"], stored["labels"], views, path, True)
 
-    infer = tf.function(lambda images: base(images, training=False), reduce_retracing=True)
+    infer = tf.function(
+        lambda images: base(images, training=False), reduce_retracing=True, autograph=False
+    )
     steps = math.ceil(len(split) / batch_size) * views
     bar = _progress_bar(steps, f"features {base.name} {split.name}", progress)
     features, labels = [], []
@@ -202,8 +221,13 @@ def train_head(
     seed: int = 0,
     callbacks=None,
     verbose: int | str = 0,
+    class_weight: dict[int, float] | str | None = None,
 ) -> dict[str, list[float]]:
     """Trains a head (`tlkit.models.build_head`) on cached features.
+
+    With imbalanced classes, `class_weight` scales each example's loss by the
+    weight of its class, so errors on the rare class cost more (Keras
+    `fit(class_weight=...)`). Validation metrics are not weighted.
 
     Args:
         head: The head model; it is compiled here.
@@ -215,12 +239,26 @@ def train_head(
         seed: Shuffle seed. Defaults to 0.
         callbacks: Keras callbacks. Defaults to None.
         verbose: Keras verbosity. Defaults to 0.
+        class_weight: None (every example counts once), `"balanced"`
+            (weights `n_samples / (n_classes * count)` from the training
+            labels, as `sklearn.utils.class_weight.compute_class_weight`), or
+            a dict `class index -> weight` covering every class. Defaults to
+            None.
 
     Returns:
         The Keras history dict.
+
+    Raises:
+        ValueError: If `class_weight` is another string, misses a class,
+            names a class the head does not have, or has a negative weight.
+
+    Example:
+        >>> history = train_head(head, train_features, class_weight="balanced")
     """
     from tlkit.models import compile_classifier
 
+    num_classes = int(head.output_shape[-1])
+    class_weight = resolve_class_weight(class_weight, train_features.labels, num_classes)
     compile_classifier(head, learning_rate=learning_rate)
     validation = validation_features.to_dataset(batch_size * 4) if validation_features else None
     history = head.fit(
@@ -230,8 +268,59 @@ def train_head(
         callbacks=callbacks,
         verbose=verbose,
         shuffle=False,  # The dataset shuffles itself.
+        class_weight=class_weight,
     )
     return history.history
+
+
+def resolve_class_weight(
+    class_weight: dict[int, float] | str | None, labels: np.ndarray, num_classes: int
+) -> dict[int, float] | None:
+    """Checks a `class_weight` argument and turns `"balanced"` into a dict.
+
+    Args:
+        class_weight: None, `"balanced"` or a dict `class index -> weight`.
+        labels: Integer training labels (for `"balanced"`).
+        num_classes: Number of classes of the model.
+
+    Returns:
+        None, or a dict with one float weight per class index.
+
+    Raises:
+        ValueError: On another string, missing or unknown classes, or a
+            negative or non-finite weight.
+    """
+    if class_weight is None:
+        return None
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ValueError(
+                "class_weight must be None, 'balanced' or a dict {class index: weight}. "
+                f"Received: class_weight={class_weight!r}"
+            )
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+        if np.any(counts == 0):
+            raise ValueError(
+                "class_weight='balanced' needs at least one training example of every class; "
+                f"pass a dict instead. Received: class counts={counts.tolist()}"
+            )
+        return {index: float(len(labels) / (num_classes * count)) for index, count in enumerate(counts)}
+    if not isinstance(class_weight, dict):
+        raise ValueError(
+            "class_weight must be None, 'balanced' or a dict {class index: weight}. "
+            f"Received: class_weight={class_weight!r}"
+        )
+    weights = {int(key): float(value) for key, value in class_weight.items()}
+    if sorted(weights) != list(range(num_classes)):
+        raise ValueError(
+            f"class_weight must have one entry per class index 0..{num_classes - 1}. "
+            f"Received: class_weight={class_weight!r}"
+        )
+    if any(not np.isfinite(value) or value < 0 for value in weights.values()):
+        raise ValueError(
+            f"class_weight values must be finite and non-negative. Received: class_weight={class_weight!r}"
+        )
+    return weights
 
 
 def _augmentation_config(augmentation) -> object:

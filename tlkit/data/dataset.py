@@ -264,6 +264,47 @@ class ImageSplit:
         child._parent_reports = [self.report, *self._parent_reports]
         return child
 
+    def sample_per_class(self, count: int, seed: int | None = 42) -> ImageSplit:
+        """Returns a seeded random subset with `count` examples of every class.
+
+        For few-shot experiments ("what if I had only 5 photos per class?").
+        Examples keep the split's order.
+
+        Args:
+            count: Examples per class, a positive int no larger than the
+                smallest class.
+            seed: Random seed; the same seed gives the same subset, and a
+                larger `count` with the same seed does not contain the smaller
+                subset (draw anew). Defaults to 42.
+
+        Returns:
+            A new `ImageSplit` of `count * num_classes` examples.
+
+        Raises:
+            ValueError: If `count` is not a positive int or a class has fewer
+                than `count` examples.
+
+        Example:
+            >>> few = flowers.train.sample_per_class(5, seed=0)
+            >>> set(few.class_counts().values())
+            {5}
+        """
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise ValueError(f"`count` must be a positive int, e.g. 5. Received: count={count!r}")
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        if counts.min() < count:
+            smallest = self.class_names[int(counts.argmin())]
+            raise ValueError(
+                f"Class {smallest!r} has only {int(counts.min())} examples, fewer than the "
+                f"{count} asked for. Received: count={count}"
+            )
+        generator = np.random.default_rng(0 if seed is None else int(seed))
+        chosen = [
+            generator.choice(np.flatnonzero(self.labels == index), count, replace=False)
+            for index in range(self.num_classes)
+        ]
+        return self.subset(np.sort(np.concatenate(chosen)))
+
     def split(self, fraction: float, seed: int | None = 42) -> tuple[ImageSplit, ImageSplit]:
         """Splits off a stratified, seeded share of the examples.
 

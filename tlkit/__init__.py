@@ -31,6 +31,7 @@ from tlkit.models import (  # noqa: E402
     unfreeze,
 )
 from tlkit.predict import load_classifier, predict_files  # noqa: E402
+from tlkit.preflight import DoctorReport, doctor  # noqa: E402
 from tlkit.training import RunResult, TrainConfig, train_run  # noqa: E402
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "build_head",
     "data",
     "decode_predictions",
+    "doctor",
+    "DoctorReport",
     "evaluation",
     "explain",
     "extract_features",

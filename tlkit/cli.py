@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-split", type=float, default=0.2, help="for folders without a validation split (default: %(default)s)")
     train.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<backbone>)")
     train.add_argument("--overwrite", action="store_true", help="replace the files of an existing run folder")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
+    train.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow ops: same seed, same metrics")
+    train.add_argument("--strategy", default="none", choices=("none", "mirrored", "multi_worker", "tpu"), help="tf.distribute strategy; --batch-size is per replica (default: %(default)s)")
     train.add_argument("--compare-scratch", action="store_true", help="also train a small CNN from scratch for the same wall time")
     train.add_argument("--compare-seconds", type=float, default=120.0, help="minimum wall time for --compare-scratch (default: %(default)s)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -69,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 
     backbones = commands.add_parser("backbones", help="list the pretrained backbones")
     backbones.set_defaults(handler=_backbones)
+
+    from tlkit.preflight import add_doctor_command
+
+    add_doctor_command(commands)
 
     datasets = commands.add_parser("datasets", help="list the named datasets")
     datasets.set_defaults(handler=_datasets)
@@ -122,18 +129,25 @@ def _train(arguments) -> int:
         fine_tune_epochs=arguments.fine_tune_epochs, fine_tune_blocks=arguments.fine_tune_blocks,
         views=arguments.views, augmentation=arguments.augmentation,
         batch_size=arguments.batch_size, seed=arguments.seed,
+        deterministic=arguments.deterministic,
     )
     if arguments.out:
         out = Path(arguments.out)
     else:
         name = Path(arguments.data).name if arguments.data else "demo"
         out = Path("runs") / f"{name}-{arguments.backbone}"
-    prepare_run_folder(out, arguments.overwrite)  # Fail before the slow part.
+    if arguments.resume and not arguments.out:
+        raise ValueError("--resume needs the --out folder of the run to continue.")
+    prepare_run_folder(out, arguments.overwrite or arguments.resume)  # Fail before the slow part.
+    from tlkit.distribute import get_strategy
+
+    strategy = get_strategy(arguments.strategy)
     dataset = resolve_data(arguments.data, arguments.validation_split, arguments.seed)
     if dataset.report.skipped:
         print(dataset.report)
     result = train_run(
-        dataset, config, out=out, overwrite=True, progress=not arguments.no_progress
+        dataset, config, out=out, overwrite=True, resume=arguments.resume,
+        progress=not arguments.no_progress, strategy=strategy,
     )
     print(format_summary(result.metrics))
     if arguments.compare_scratch:

@@ -8,6 +8,7 @@ overwritten unless `overwrite=True`.
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -41,6 +42,10 @@ class TrainConfig:
         fine_tune_learning_rate: Learning rate after unfreezing.
         dropout_rate: Dropout before the classifier.
         seed: Seed for splits, shuffling, augmentation and initialisation.
+        deterministic: Make TensorFlow ops deterministic
+            (`tf.config.experimental.enable_op_determinism`): the same seed on
+            the same machine gives the same metrics. On a CPU it costs little;
+            on a GPU some kernels get slower. It stays on for the process.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -55,6 +60,7 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5
     dropout_rate: float = 0.2
     seed: int = 42
+    deterministic: bool = False
 
     def __post_init__(self):
         get_backbone(self.backbone)  # Raises on an unknown name, listing valid ones.
@@ -101,8 +107,10 @@ def train_run(
     config: TrainConfig | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     log=print,
+    strategy=None,
 ) -> RunResult:
     """Trains a transfer-learning classifier the fast way and evaluates it.
 
@@ -112,28 +120,63 @@ def train_run(
        images with augmentation.
     4. Evaluate on the test split (else validation) end to end on images.
 
+    With a run folder, a checkpoint is written after the head phase and after
+    every fine-tuning epoch (`out/checkpoints/`), each file atomically. Every
+    epoch's shuffle order and random state derive from (seed, epoch) alone, so
+    a run resumed with `resume=True` after being killed ends with the same
+    result as an uninterrupted one.
+
     Args:
         dataset: A `tlkit.data.ImageDataset`.
         config: A `TrainConfig`. Defaults to `TrainConfig()`.
         out: Run folder to write, or None to write nothing. Defaults to None.
         overwrite: Replace files in an existing run folder. Defaults to False.
+        resume: Continue the interrupted run in `out` from its last
+            checkpoint. Defaults to False.
         progress: Show progress bars. Defaults to True.
         log: Function for short status lines. Defaults to `print`.
+        strategy: A `tf.distribute.Strategy` (see `tlkit.distribute`), or
+            None for one device. `batch_size` is per replica; the learning
+            rates scale linearly with the number of replicas. Defaults to None.
 
     Returns:
         A `RunResult`.
+
+    Raises:
+        FileExistsError: If `out` holds a run and neither `overwrite` nor
+            `resume` is set.
+        ValueError: If `resume` finds no checkpoint, a finished run, or a
+            checkpoint made with another config or other data.
     """
+    from tlkit import distribute
+
     config = config or TrainConfig()
+    if resume and out is None:
+        raise ValueError("resume=True needs the run folder to resume. Received: out=None")
     if out is not None:
-        out = prepare_run_folder(out, overwrite)
+        out = prepare_run_folder(out, overwrite=overwrite or resume)
+    fingerprints = {name: split.fingerprint() for name, split in dataset.splits.items()}
+    checkpoints = Path(out) / "checkpoints" if out is not None else None
+    state = _load_state(checkpoints, config, fingerprints) if resume else None
+    if config.deterministic:
+        # Deterministic kernels: same seed, same machine, same result; slower on GPU.
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     spec = get_backbone(config.backbone)
     image_size = config.image_size or spec.image_size
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    replicas = distribute.num_replicas(strategy)
+    batch_size, learning_rate = distribute.scale_for_replicas(
+        config.batch_size, config.learning_rate, strategy
+    )
+    fine_tune_learning_rate = config.fine_tune_learning_rate * replicas
+    timings: dict[str, float] = dict(state["timings"]) if state else {}
+    started = time.perf_counter() - timings.get("total_s", 0.0)
 
     clock = time.perf_counter()
-    base = build_feature_extractor(config.backbone, image_size)
+    with distribute.scope(strategy):
+        base = build_feature_extractor(config.backbone, image_size)
     timings["build_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -155,45 +198,48 @@ def train_run(
         + f" in {timings['feature_extraction_s']:.1f} s."
     )
 
-    histories: dict[str, dict] = {}
-    head = build_head(spec.feature_width, dataset.num_classes, config.dropout_rate)
-    clock = time.perf_counter()
-    if config.epochs:
-        histories["head"] = train_head(
-            head, train_features, validation_features, epochs=config.epochs,
-            learning_rate=config.learning_rate, seed=config.seed,
-        )
-    timings["head_training_s"] = time.perf_counter() - clock
-    log(f"Head: {config.epochs} epochs on cached features in {timings['head_training_s']:.1f} s.")
+    histories: dict[str, dict] = dict(state["histories"]) if state else {}
+    # Reseed: computing features (a cache miss) creates random ops that a cache hit
+    # does not, and the head must not depend on which happened.
+    keras.utils.set_random_seed(config.seed)
+    with distribute.scope(strategy):
+        head = build_head(spec.feature_width, dataset.num_classes, config.dropout_rate)
+    if state and state["head_done"]:
+        head.load_weights(str(checkpoints / "head.weights.h5"))
+        log("Head: restored from the checkpoint.")
+    else:
+        clock = time.perf_counter()
+        if config.epochs:
+            with distribute.scope(strategy):
+                histories["head"] = train_head(
+                    head, train_features, validation_features, epochs=config.epochs,
+                    batch_size=64 * replicas, learning_rate=learning_rate, seed=config.seed,
+                )
+        timings["head_training_s"] = time.perf_counter() - clock
+        log(f"Head: {config.epochs} epochs on cached features in {timings['head_training_s']:.1f} s.")
+        if checkpoints is not None:
+            with atomic_path(checkpoints / "head.weights.h5") as temporary:
+                head.save_weights(str(temporary))
+            _save_state(checkpoints, config, fingerprints, True, 0, histories, timings, started)
 
-    model = build_classifier(
-        config.backbone, dataset.num_classes, image_size,
-        augmentation=config.augmentation if config.fine_tune_epochs else None,
-        base=base, head=head, class_names=dataset.class_names,
-    )
-    clock = time.perf_counter()
+    with distribute.scope(strategy):
+        model = build_classifier(
+            config.backbone, dataset.num_classes, image_size,
+            augmentation=config.augmentation if config.fine_tune_epochs else None,
+            base=base, head=head, class_names=dataset.class_names,
+        )
     if config.fine_tune_epochs:
-        blocks = unfreeze(model, config.fine_tune_blocks, config.fine_tune_learning_rate)
-        log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
-        train_images = dataset.train.to_dataset(
-            image_size, batch_size=config.batch_size, shuffle=True, seed=config.seed
+        model = _fine_tune_with_checkpoints(
+            model, dataset, config, image_size, batch_size, fine_tune_learning_rate,
+            strategy, checkpoints, state, histories, timings, started, fingerprints,
+            progress, log,
         )
-        validation_images = (
-            validation_split.to_dataset(image_size, batch_size=config.batch_size * 2)
-            if validation_split is not None else None
-        )
-        history = model.fit(
-            train_images, validation_data=validation_images, epochs=config.fine_tune_epochs,
-            verbose=1 if progress else 0, shuffle=False,  # The dataset shuffles itself.
-        )
-        histories["fine_tune"] = history.history
-    timings["fine_tuning_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     evaluation_split = dataset.test if dataset.test is not None else validation_split
     metrics: dict = {}
     if evaluation_split is not None:
-        probabilities, labels = predict_split(model, evaluation_split, image_size, config.batch_size * 2)
+        probabilities, labels = predict_split(model, evaluation_split, image_size, batch_size * 2)
         metrics = evaluation.classification_metrics(labels, probabilities, dataset.class_names)
         metrics["evaluated_on"] = evaluation_split.name
     timings["evaluation_s"] = time.perf_counter() - clock
@@ -205,12 +251,17 @@ def train_run(
                 "name": dataset.name,
                 "class_names": dataset.class_names,
                 "sizes": {name: len(split) for name, split in dataset.splits.items()},
-                "fingerprints": {name: split.fingerprint() for name, split in dataset.splits.items()},
+                "fingerprints": fingerprints,
                 "skipped_files": [list(item) for item in dataset.report.skipped],
             },
             "config": {**asdict(config), "image_size": image_size},
+            "distribution": {
+                "replicas": replicas, "global_batch_size": batch_size,
+                "learning_rate": learning_rate, "fine_tune_learning_rate": fine_tune_learning_rate,
+            },
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "feature_cache": {"hits": cache_hits},
+            "resumed": bool(state),
             "seed": config.seed,
             "versions": versions(),
             "histories": histories,
@@ -218,7 +269,128 @@ def train_run(
     )
     if out is not None:
         write_run(out, model, metrics, histories)
+        _save_state(
+            checkpoints, config, fingerprints, True, config.fine_tune_epochs, histories,
+            timings, started, complete=True,
+        )
+        # The final model is model.keras; the per-epoch checkpoint is no longer needed.
+        (checkpoints / "fine_tune.keras").unlink(missing_ok=True)
     return RunResult(model=model, metrics=metrics, histories=histories, out=out)
+
+
+def _fine_tune_with_checkpoints(
+    model, dataset, config, image_size, batch_size, learning_rate, strategy, checkpoints,
+    state, histories, timings, started, fingerprints, progress, log,
+):
+    """Fine-tunes epoch by epoch, checkpointing model and optimizer after each."""
+    from tlkit import distribute
+
+    first_epoch = state["fine_tune_epochs_done"] if state else 0
+    checkpoint = checkpoints / "fine_tune.keras" if checkpoints is not None else None
+    if first_epoch:
+        with distribute.scope(strategy):
+            # Safe mode: the checkpoint is our own file, but loading never runs code.
+            model = keras.models.load_model(checkpoint, safe_mode=True)
+        log(f"Fine-tuning: resumed after epoch {first_epoch} of {config.fine_tune_epochs}.")
+    else:
+        with distribute.scope(strategy):
+            blocks = unfreeze(model, config.fine_tune_blocks, learning_rate)
+        log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
+    validation_images = (
+        dataset.validation.to_dataset(image_size, batch_size=batch_size * 2)
+        if dataset.validation is not None else None
+    )
+    history = {key: list(values) for key, values in histories.get("fine_tune", {}).items()}
+    clock = time.perf_counter()
+    for epoch in range(first_epoch, config.fine_tune_epochs):
+        # Shuffle order and random draws depend on (seed, epoch) only, so a resumed
+        # run repeats exactly what the uninterrupted one would have done.
+        keras.utils.set_random_seed(config.seed + 1 + epoch)
+        reseed_layers(model, config.seed * 1000 + epoch)
+        train_images = dataset.train.to_dataset(
+            image_size, batch_size=batch_size, shuffle=True, seed=config.seed + epoch
+        )
+        result = model.fit(
+            train_images, validation_data=validation_images, initial_epoch=epoch,
+            epochs=epoch + 1, verbose=1 if progress else 0,
+            shuffle=False,  # The dataset shuffles itself.
+        )
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(values)
+        histories["fine_tune"] = history
+        timings["fine_tuning_s"] = timings.get("fine_tuning_s", 0.0) + time.perf_counter() - clock
+        clock = time.perf_counter()
+        if checkpoint is not None:
+            with atomic_path(checkpoint) as temporary:
+                model.save(temporary)
+            _save_state(checkpoints, config, fingerprints, True, epoch + 1, histories, timings, started)
+    return model
+
+
+def reseed_layers(model: keras.Model, seed: int) -> None:
+    """Sets the random state of every augmentation and dropout layer from `seed`.
+
+    Keras layers draw from their own `SeedGenerator`, whose state is not saved
+    with the model and which `keras.utils.set_random_seed` does not reset, so a
+    resumed run would draw other random numbers than the uninterrupted one.
+    Keras has no public call to reseed built layers; this sets the states.
+
+    Args:
+        model: The model; nested models are included.
+        seed: The seed; layer `i` gets state `(seed + i, 0)`.
+    """
+    generators = [
+        generator
+        for layer in model._flatten_layers(include_self=True)
+        for generator in (getattr(layer, "_seed_generators", None) or [])
+    ]
+    for index, generator in enumerate(generators):
+        generator.state.assign(np.asarray([seed + index, 0], dtype=generator.state.dtype))
+
+
+def _save_state(
+    checkpoints, config, fingerprints, head_done, fine_tune_epochs_done, histories, timings,
+    started, complete=False,
+):
+    write_json(
+        checkpoints / "state.json",
+        {
+            "config": asdict(config),
+            "fingerprints": fingerprints,
+            "head_done": head_done,
+            "fine_tune_epochs_done": fine_tune_epochs_done,
+            "complete": complete,
+            "histories": histories,
+            "timings": {**timings, "total_s": time.perf_counter() - started},
+        },
+    )
+
+
+def _load_state(checkpoints, config, fingerprints) -> dict:
+    path = checkpoints / "state.json"
+    if not path.is_file():
+        raise ValueError(
+            f"Nothing to resume: {path} does not exist. Start the run without --resume. "
+            f"Received: out={checkpoints.parent}"
+        )
+    state = json.loads(path.read_text())
+    if state.get("complete"):
+        raise ValueError(
+            f"The run in {checkpoints.parent} already finished; nothing to resume. "
+            "Use another --out, or --overwrite to train it again."
+        )
+    if state["config"] != json.loads(json.dumps(asdict(config))):
+        changed = sorted(k for k in state["config"] if state["config"][k] != asdict(config).get(k))
+        raise ValueError(
+            "The checkpoint was made with other settings; resume with the same ones. "
+            f"Received: changed settings {changed}"
+        )
+    if state["fingerprints"] != fingerprints:
+        raise ValueError(
+            "The data changed since the checkpoint was written; resume with the same data. "
+            f"Received: splits {sorted(fingerprints)}"
+        )
+    return state
 
 
 def predict_split(model: keras.Model, split, image_size: int, batch_size: int = 64):

@@ -37,7 +37,8 @@ class TrainConfig:
         fine_tune_blocks: How many blocks to unfreeze, counted from the output.
         views: Feature views per training image (1 plain + views-1 augmented).
         augmentation: `tlkit.augment` preset for the extra views and fine-tuning.
-        batch_size: Batch size for images.
+        batch_size: Batch size for images, per replica.
+        head_batch_size: Batch size for the head on cached features, per replica.
         learning_rate: Head learning rate.
         fine_tune_learning_rate: Learning rate after unfreezing.
         dropout_rate: Dropout before the classifier.
@@ -56,6 +57,7 @@ class TrainConfig:
     views: int = 1
     augmentation: str = "natural"
     batch_size: int = 32
+    head_batch_size: int = 64
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
     dropout_rate: float = 0.2
@@ -213,7 +215,8 @@ def train_run(
             with distribute.scope(strategy):
                 histories["head"] = train_head(
                     head, train_features, validation_features, epochs=config.epochs,
-                    batch_size=64 * replicas, learning_rate=learning_rate, seed=config.seed,
+                    batch_size=config.head_batch_size * replicas, learning_rate=learning_rate,
+                    seed=config.seed,
                 )
         timings["head_training_s"] = time.perf_counter() - clock
         log(f"Head: {config.epochs} epochs on cached features in {timings['head_training_s']:.1f} s.")
@@ -395,9 +398,14 @@ def _load_state(checkpoints, config, fingerprints) -> dict:
 
 def predict_split(model: keras.Model, split, image_size: int, batch_size: int = 64):
     """Class probabilities and true labels for every readable image of a split."""
+    import tensorflow as tf
+
+    # A compiled forward pass rather than predict_on_batch, which returns one row per
+    # replica and image under a tf.distribute strategy.
+    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
     probabilities, labels = [], []
     for images, targets in split.to_dataset(image_size, batch_size=batch_size):
-        probabilities.append(model.predict_on_batch(images))
+        probabilities.append(forward(images).numpy())
         labels.append(targets.numpy())
     return np.concatenate(probabilities), np.concatenate(labels)
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from tlkit.distribute import get_strategy, num_replicas, scale_for_replicas
@@ -52,6 +53,7 @@ SCRIPT = textwrap.dedent(
     print(json.dumps({
         "mirrored": run(mirrored, batch=4, head_batch=8, scale=1),
         "single": run(None, batch=8, head_batch=16, scale=2),
+        "unscaled": run(None, batch=8, head_batch=16, scale=1),
     }))
     """
 )
@@ -65,12 +67,18 @@ def test_mirrored_on_two_logical_cpus_matches_one_device(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])
-    mirrored, single = results["mirrored"], results["single"]
+    mirrored, single, unscaled = results["mirrored"], results["single"], results["unscaled"]
     assert mirrored["replicas"] == 2 and single["replicas"] == 1
     assert mirrored["global_batch"] == single["global_batch"] == 8
+    # The distributed input pipeline shuffles in another order than the local one, so the
+    # runs agree within a tolerance, not bit for bit; a run whose learning rate was not
+    # scaled for the global batch lands clearly further away.
     for key in ("head_loss", "fine_tune_loss"):
-        assert mirrored[key] == pytest.approx(single[key], rel=1e-3, abs=1e-4), key
-    assert mirrored["accuracy"] == single["accuracy"]
+        close = np.abs(np.subtract(mirrored[key], single[key])).max()
+        far = np.abs(np.subtract(mirrored[key], unscaled[key])).max()
+        assert close <= 0.06 * max(single[key]), (key, close)
+        assert far > 3 * close, (key, close, far)
+    assert mirrored["accuracy"] == pytest.approx(single["accuracy"], abs=0.07)
 
 
 def test_scaling_rules():

@@ -73,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     backbones = commands.add_parser("backbones", help="list the pretrained backbones")
     backbones.set_defaults(handler=_backbones)
 
+    export = commands.add_parser("export", help="export a trained model (SavedModel, LiteRT/TFLite float and int8, ONNX), checked against Keras")
+    export.add_argument("model", help="a model.keras written by `train`")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--data", default=None, help="a folder or dataset name: real images to check every export against Keras and to calibrate int8")
+    export.add_argument("--formats", nargs="+", default=None, help="any of saved_model tflite tflite_int8 onnx (default: all; int8 needs --data)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.set_defaults(handler=_export)
+
     from tlkit.preflight import add_doctor_command
 
     add_doctor_command(commands)
@@ -176,6 +184,16 @@ def _predict(arguments) -> int:
         labels = ", ".join(f"{name} {score:.3f}" for name, score in ranked)
         print(f"{path}: {labels}")
     return 0
+
+
+def _export(arguments) -> int:
+    from tlkit.export import FORMATS, export_command
+
+    return export_command(
+        arguments.model, arguments.out, data=arguments.data,
+        formats=tuple(arguments.formats) if arguments.formats else FORMATS,
+        overwrite=arguments.overwrite,
+    )
 
 
 def _backbones(arguments) -> int:

@@ -191,6 +191,22 @@ def test_decompression_bomb_guard(tmp_path, monkeypatch):
     assert "more than the limit" in check_image(path)
 
 
+def test_real_20000_by_20000_image_is_refused_before_decoding(tmp_path):
+    # 400 megapixels: a 1-bit PNG of it is small on disk but would take 1.2 GB as RGB.
+    bomb = tmp_path / "photos" / "big"
+    bomb.mkdir(parents=True)
+    Image.new("1", (20000, 20000)).save(bomb / "huge.png")
+    for index in range(2):
+        _save(_solid((9, 9, 9 * index)), bomb / f"fine{index}.png")
+        (tmp_path / "photos" / "other").mkdir(exist_ok=True)
+        _save(_solid((200, 9, 9 * index)), tmp_path / "photos" / "other" / f"o{index}.png")
+    with pytest.raises(ImageDecodeError, match="limit"):
+        load_image(bomb / "huge.png")
+    dataset = from_directory(tmp_path / "photos", validation_split=0.0)
+    assert [path for path, _ in dataset.report.skipped] == [str(bomb / "huge.png")]
+    assert len(dataset.train) == 4
+
+
 def test_check_image_reasons(tmp_path):
     good = _save(_solid((1, 2, 3)), tmp_path / "good.png")
     empty = tmp_path / "empty.png"

@@ -332,6 +332,13 @@ def _augmentation_config(augmentation) -> object:
 
 
 def _progress_bar(total: int, description: str, enabled: bool):
-    from tqdm.auto import tqdm
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        # tqdm.auto warns in Jupyter without ipywidgets, then falls back to text bars.
+        warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="batch", disable=not enabled, leave=False)

@@ -17,7 +17,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 
-from tlkit import augment, data, evaluation, explain  # noqa: E402
+from tlkit import augment, data, detect, evaluation, explain  # noqa: E402
 from tlkit.augment import build_augmentation, list_presets  # noqa: E402
 from tlkit.backbones import build_backbone, get_backbone, list_backbones  # noqa: E402
 from tlkit.features import FeatureSet, extract_features, train_head  # noqa: E402
@@ -46,6 +46,7 @@ __all__ = [
     "build_head",
     "data",
     "decode_predictions",
+    "detect",
     "doctor",
     "DoctorReport",
     "evaluation",

@@ -68,12 +68,14 @@ def check_environment() -> dict[str, str]:
 def load_dataset_or_stop(name: str, **kwargs):
     """`tlkit.data.load(name)`, or a plain message and a stop when it is missing.
 
+    Detection datasets (such as "bccd") are loaded with `tlkit.data.load_detection`.
+
     Args:
         name: A catalog name.
-        **kwargs: Passed to `tlkit.data.load`.
+        **kwargs: Passed to `tlkit.data.load` (or `load_detection`).
 
     Returns:
-        The `ImageDataset`.
+        The `ImageDataset`, or a `DetectionDataset` for a detection dataset.
 
     Raises:
         StopNotebook: If the dataset cannot be found (after the message).
@@ -81,6 +83,8 @@ def load_dataset_or_stop(name: str, **kwargs):
     from tlkit import data
 
     try:
+        if name in data.list_datasets() and data.dataset_info(name)["task"] == "detection":
+            return data.load_detection(name, **kwargs)
         return data.load(name, **kwargs)
     except data.DatasetNotFoundError as error:
         print(

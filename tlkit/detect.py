@@ -1,0 +1,850 @@
+"""Object detection on a frozen pretrained backbone: a small RetinaNet-style head.
+
+The detector reuses a tlkit backbone as a multi-scale feature extractor (the
+last block outputs at strides 8, 16 and 32), adds a light feature pyramid
+(1x1 lateral convolutions and a top-down path, as in Lin et al., "Feature
+Pyramid Networks", https://arxiv.org/abs/1612.03144) and one shared
+convolutional head that predicts, for every anchor box, class scores (sigmoid,
+trained with focal loss as in RetinaNet, https://arxiv.org/abs/1708.02002) and
+box offsets.
+
+With the base frozen, its feature maps are computed once per image
+(`prepare_detection_data`) and the head trains on them in minutes on a CPU,
+like `tlkit.features` does for classifiers.
+
+Box arithmetic comes from Keras itself (`keras.utils.bounding_boxes`:
+`convert_format`, `compute_iou`, `encode_box_to_deltas`,
+`decode_deltas_to_boxes`); non-maximum suppression is TensorFlow's
+`tf.image.combined_non_max_suppression`; mAP is COCO's reference
+implementation (`pycocotools.cocoeval.COCOeval`) at a single IoU threshold.
+Boxes are drawn with matplotlib because `keras.visualization.draw_bounding_boxes`
+needs OpenCV, which tlkit does not depend on.
+
+Boxes are always `[xmin, ymin, xmax, ymax]` in pixels ("xyxy"), like
+`tlkit.data.load_detection` returns them.
+
+Example:
+    >>> bccd = tlkit.data.load_detection("bccd")
+    >>> detector = build_detector("mobilenet_v2", num_classes=3)
+    >>> train = prepare_detection_data(detector, bccd.train)
+    >>> train_detector(detector, train, epochs=30)
+    >>> predictions = predict_boxes(detector, prepare_detection_data(detector, bccd.test))
+    >>> mean_average_precision(predictions, bccd.test, class_names=bccd.class_names)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.utils import bounding_boxes
+
+from tlkit.backbones import build_backbone, get_backbone, list_backbones
+from tlkit.data.images import load_image
+
+# Box offsets are divided by these before regression (the usual SSD/RetinaNet values).
+BOX_VARIANCE = (0.1, 0.1, 0.2, 0.2)
+# Anchors with IoU >= POSITIVE_IOU to a true box learn its class; below NEGATIVE_IOU
+# they are background; anchors in between are ignored by the loss.
+POSITIVE_IOU = 0.5
+NEGATIVE_IOU = 0.4
+_BACKGROUND = -1.0
+_IGNORE = -2.0
+_PYRAMID_LAYER = re.compile(r"^(block\d+_(add|project_bn)|head_relu)$")
+
+
+# ---------------------------------------------------------------------------
+# Box formats
+# ---------------------------------------------------------------------------
+
+
+def convert_boxes(boxes, source: str = "xyxy", target: str = "xywh") -> np.ndarray:
+    """Converts boxes between formats with `keras.utils.bounding_boxes.convert_format`.
+
+    Args:
+        boxes: Array `(..., 4)`.
+        source: Format of `boxes`, e.g. `"xyxy"`, `"xywh"`, `"center_xywh"`,
+            `"yxyx"`. Defaults to `"xyxy"`.
+        target: Format to return. Defaults to `"xywh"`.
+
+    Returns:
+        A float32 numpy array of the same shape.
+
+    Example:
+        >>> convert_boxes([[10, 20, 30, 60]], "xyxy", "xywh")
+        array([[10., 20., 20., 40.]], dtype=float32)
+    """
+    boxes = np.asarray(boxes, dtype="float32")
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(
+            f"Boxes must have shape (..., 4). Received: boxes.shape={boxes.shape}"
+        )
+    if boxes.size == 0:
+        return boxes.reshape(boxes.shape)
+    return np.asarray(
+        keras.ops.convert_to_numpy(
+            bounding_boxes.convert_format(boxes, source=source, target=target)
+        ),
+        dtype="float32",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Anchors
+# ---------------------------------------------------------------------------
+
+
+def make_anchors(
+    image_size: tuple[int, int],
+    strides: tuple[int, ...] = (8, 16, 32),
+    anchor_scale: float = 2.5,
+    scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
+    aspect_ratios: tuple[float, ...] = (1.0,),
+) -> np.ndarray:
+    """Anchor boxes for every feature-map cell, level by level, in "xyxy" pixels.
+
+    On a level of stride `s` each cell gets `len(scales) * len(aspect_ratios)`
+    anchors centred on it, of side `anchor_scale * s * scale` (width/height
+    ratio `aspect_ratio`). The order (level, row, column, anchor) matches the
+    detector's output.
+
+    Args:
+        image_size: `(height, width)` of the detector input.
+        strides: Feature-map strides. Defaults to `(8, 16, 32)`.
+        anchor_scale: Anchor side in units of the stride. Defaults to 2.5.
+        scales: Size multipliers per cell. Defaults to three octave steps.
+        aspect_ratios: Width / height ratios. Defaults to `(1.0,)` (cells are
+            round).
+
+    Returns:
+        A float32 array `(num_anchors, 4)`.
+    """
+    height, width = image_size
+    levels = []
+    for stride in strides:
+        rows, columns = math.ceil(height / stride), math.ceil(width / stride)
+        centre_y, centre_x = np.meshgrid(
+            (np.arange(rows) + 0.5) * stride, (np.arange(columns) + 0.5) * stride, indexing="ij"
+        )
+        shapes = []
+        for scale in scales:
+            for ratio in aspect_ratios:
+                side = anchor_scale * stride * scale
+                shapes.append((side * math.sqrt(ratio), side / math.sqrt(ratio)))
+        shapes = np.asarray(shapes, dtype="float32")  # (A, 2): width, height
+        centres = np.stack([centre_x, centre_y], axis=-1).reshape(-1, 1, 2)
+        half = shapes[None] / 2
+        levels.append(np.concatenate([centres - half, centres + half], axis=-1).reshape(-1, 4))
+    return np.concatenate(levels).astype("float32")
+
+
+# ---------------------------------------------------------------------------
+# The detector
+# ---------------------------------------------------------------------------
+
+
+def pyramid_layer_names(base: keras.Model, strides: tuple[int, ...] = (8, 16, 32)) -> list[str]:
+    """The base's last block output at each stride, for a feature pyramid.
+
+    Works for backbones whose layers follow tlkit's `stem_*`, `block{i}_*`,
+    `head_relu` naming (the offline backbones): the candidates are block
+    outputs (`block{i}_add`, `block{i}_project_bn`) and `head_relu`.
+
+    Args:
+        base: A backbone from `tlkit.build_backbone`.
+        strides: The strides wanted. Defaults to `(8, 16, 32)`.
+
+    Returns:
+        One layer name per stride.
+
+    Raises:
+        ValueError: If the base has no suitable layer at some stride.
+    """
+    candidates = [layer.name for layer in base.layers if _PYRAMID_LAYER.match(layer.name)]
+    probe_size = 2 * max(strides)
+    if candidates:
+        probe = keras.Model(base.input, [base.get_layer(n).output for n in candidates])
+        outputs = probe(np.zeros((1, probe_size, probe_size, 3), "float32"), training=False)
+        stride_of = {n: probe_size // int(o.shape[1]) for n, o in zip(candidates, outputs)}
+    else:
+        stride_of = {}
+    names = []
+    for stride in strides:
+        at_stride = [n for n in candidates if stride_of[n] == stride]
+        if not at_stride:
+            raise ValueError(
+                f"The backbone `{base.name}` has no block output at stride {stride}. "
+                "build_detector needs layers named like tlkit's offline backbones "
+                f"(block{{i}}_add, block{{i}}_project_bn, head_relu): use one of "
+                f"{list_backbones(offline_only=True)}. Received: strides={strides}"
+            )
+        names.append(at_stride[-1])
+    return names
+
+
+def build_detector(
+    backbone: str = "mobilenet_v2",
+    num_classes: int = 3,
+    image_size: tuple[int, int] = (256, 320),
+    weights: str | os.PathLike | None = "imagenet",
+    head_width: int = 64,
+    head_depth: int = 2,
+    anchor_scale: float = 2.5,
+    scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
+    aspect_ratios: tuple[float, ...] = (1.0,),
+    class_names: list[str] | None = None,
+) -> keras.Model:
+    """A frozen pretrained backbone under a feature pyramid and a RetinaNet-style head.
+
+    The model takes raw 0..255 RGB images of shape `image_size` and returns
+    raw predictions `(batch, num_anchors, 4 + num_classes)`: box offsets from
+    each anchor (see `BOX_VARIANCE`) then class logits. Use `predict_boxes`
+    for boxes in pixels after non-maximum suppression.
+
+    The model has two nested parts: `feature_pyramid` (the frozen base,
+    called with `training=False`, outputting strides 8, 16 and 32) and
+    `detection_head` (trainable), so the head can be trained on cached
+    features and used in the detector without copying weights. The anchors
+    are in `detector.anchors`, class names in `detector.class_names`.
+
+    Args:
+        backbone: An offline registry name. Defaults to `"mobilenet_v2"`.
+        num_classes: Number of object classes (no background class).
+            Defaults to 3.
+        image_size: Input `(height, width)`; both multiples of 32. Defaults
+            to `(256, 320)`, close to half of a 640x480 image.
+        weights: Base weights: `"imagenet"`, None or a `.weights.h5` path.
+            Defaults to `"imagenet"`.
+        head_width: Channels in the pyramid and head. Defaults to 64.
+        head_depth: 3x3 convolutions in the shared head. Defaults to 2.
+        anchor_scale: Anchor side in units of the level's stride. Defaults to 2.5.
+        scales: Anchor size multipliers per cell. Defaults to
+            `(1, 2**(1/3), 2**(2/3))`.
+        aspect_ratios: Anchor width / height ratios. Defaults to `(1.0,)`.
+        class_names: Names of the classes, or None. Defaults to None.
+
+    Returns:
+        An uncompiled `keras.Model` (compile happens in `train_detector`).
+
+    Raises:
+        ValueError: On invalid arguments or a backbone without block outputs
+            at strides 8, 16 and 32.
+
+    Example:
+        >>> detector = build_detector("mobilenet_v2", num_classes=3, image_size=(256, 320))
+        >>> detector.output_shape
+        (None, 5040, 7)
+    """
+    get_backbone(backbone)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer. Received: num_classes={num_classes!r}")
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or any(not isinstance(v, int) or v < 32 or v % 32 for v in image_size)
+    ):
+        raise ValueError(
+            "image_size must be a (height, width) pair of multiples of 32, e.g. (256, 320), so "
+            f"the stride-32 map is exactly half the stride-16 one. Received: image_size={image_size!r}"
+        )
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(
+            f"Got {len(class_names)} class names for num_classes={num_classes}. "
+            f"Received: class_names={list(class_names)}"
+        )
+    image_size = (int(image_size[0]), int(image_size[1]))
+    strides = (8, 16, 32)
+    base = build_backbone(backbone, image_size=None, weights=weights)
+    names = pyramid_layer_names(base, strides)
+    feature_pyramid = keras.Model(
+        base.input, [base.get_layer(n).output for n in names], name="feature_pyramid"
+    )
+    feature_pyramid.trainable = False
+    channels = [int(output.shape[-1]) for output in feature_pyramid.outputs]
+    anchors_per_cell = len(scales) * len(aspect_ratios)
+    head = _build_head(channels, num_classes, anchors_per_cell, head_width, head_depth)
+
+    inputs = keras.Input(shape=(*image_size, 3), name="image")
+    features = feature_pyramid(inputs, training=False)
+    outputs = head(features)
+    detector = keras.Model(inputs, outputs, name=f"{backbone}_detector")
+    detector.anchors = make_anchors(image_size, strides, anchor_scale, scales, aspect_ratios)
+    detector.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    detector.pyramid_layers = names
+    return detector
+
+
+def _build_head(channels, num_classes, anchors_per_cell, width, depth) -> keras.Model:
+    layers = keras.layers
+    inputs = [
+        keras.Input(shape=(None, None, c), name=f"stride{s}") for c, s in zip(channels, (8, 16, 32))
+    ]
+    laterals = [
+        layers.Conv2D(width, 1, name=f"lateral_stride{s}")(x)
+        for x, s in zip(inputs, (8, 16, 32))
+    ]
+    # Top-down path: add the upsampled coarser level to each finer one.
+    for index in (1, 0):
+        upsampled = layers.UpSampling2D(2, name=f"upsample_to_stride{8 * 2**index}")(
+            laterals[index + 1]
+        )
+        laterals[index] = layers.Add(name=f"top_down_stride{8 * 2**index}")(
+            [laterals[index], upsampled]
+        )
+    tower = [
+        layers.Conv2D(width, 3, padding="same", activation="relu", name=f"head_conv{i + 1}")
+        for i in range(depth)
+    ]
+    prior = 0.01  # RetinaNet: start every anchor at 1 % foreground probability.
+    class_output = layers.Conv2D(
+        anchors_per_cell * num_classes, 3, padding="same", name="class_logits",
+        bias_initializer=keras.initializers.Constant(-math.log((1 - prior) / prior)),
+    )
+    box_output = layers.Conv2D(
+        anchors_per_cell * 4, 3, padding="same", name="box_offsets", kernel_initializer="zeros"
+    )
+    per_level = []
+    for x, stride in zip(laterals, (8, 16, 32)):
+        for conv in tower:
+            x = conv(x)
+        boxes = layers.Reshape((-1, 4), name=f"boxes_stride{stride}")(box_output(x))
+        classes = layers.Reshape((-1, num_classes), name=f"classes_stride{stride}")(
+            class_output(x)
+        )
+        per_level.append(layers.Concatenate(name=f"predictions_stride{stride}")([boxes, classes]))
+    outputs = layers.Concatenate(axis=1, name="predictions")(per_level)
+    return keras.Model(inputs, outputs, name="detection_head")
+
+
+class DetectionLoss(keras.losses.Loss):
+    """Focal loss on classes plus Huber loss on box offsets, per positive anchor.
+
+    `y_true` is `(batch, anchors, 5)`: encoded box offsets, then the class
+    index (-1 background, -2 ignored). `y_pred` is the detector output.
+
+    Args:
+        num_classes: Number of object classes.
+        alpha: Focal loss weight of positives. Defaults to 0.25.
+        gamma: Focal loss focusing parameter. Defaults to 2.0.
+        box_weight: Weight of the box loss. Defaults to 1.0.
+        name: Loss name. Defaults to `"detection_loss"`.
+    """
+
+    def __init__(self, num_classes, alpha=0.25, gamma=2.0, box_weight=1.0, name="detection_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.gamma = gamma
+        self.box_weight = box_weight
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        y_pred = ops.cast(y_pred, "float32")
+        labels = y_true[..., 4]
+        positive = ops.cast(labels >= 0, "float32")
+        keep = ops.cast(labels != _IGNORE, "float32")
+        one_hot = ops.one_hot(ops.cast(ops.maximum(labels, 0), "int32"), self.num_classes)
+        one_hot = one_hot * positive[..., None]
+        focal = keras.losses.binary_focal_crossentropy(
+            one_hot[..., None], y_pred[..., 4:, None], apply_class_balancing=True,
+            alpha=self.alpha, gamma=self.gamma, from_logits=True,
+        )  # (batch, anchors, classes)
+        class_loss = ops.sum(ops.sum(focal, axis=-1) * keep, axis=-1)
+        huber = keras.losses.huber(y_true[..., None, :4], y_pred[..., None, :4], delta=1.0)
+        box_loss = ops.sum(ops.sum(huber, axis=-1) * positive, axis=-1) * 4.0
+        positives = ops.maximum(ops.sum(positive, axis=-1), 1.0)
+        return (class_loss + self.box_weight * box_loss) / positives
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "alpha": self.alpha,
+            "gamma": self.gamma,
+            "box_weight": self.box_weight,
+        }
+
+
+# ---------------------------------------------------------------------------
+# Data: cached base features and encoded targets
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class DetectionData:
+    """Cached base features of some images, with their boxes and training targets.
+
+    Attributes:
+        features: One float16 array per pyramid level, `(N * views, h, w, c)`,
+            view-major (all images of view 0, then view 1, ...).
+        targets: float32 `(N * views, num_anchors, 5)` for `DetectionLoss`.
+        boxes: Per image, the true "xyxy" boxes in its original pixels.
+        labels: Per image, the int32 class indices.
+        image_paths: The image files.
+        original_sizes: Per image, `(height, width)` of the file.
+        views: 1 (plain), 2 (+ left-right flip) or 4 (+ up-down and both).
+    """
+
+    features: list[np.ndarray]
+    targets: np.ndarray
+    boxes: list[np.ndarray]
+    labels: list[np.ndarray]
+    image_paths: list[str]
+    original_sizes: list[tuple[int, int]]
+    views: int = 1
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+
+def encode_targets(anchors: np.ndarray, boxes, labels) -> np.ndarray:
+    """Matches anchors to true boxes and encodes the training targets.
+
+    An anchor is positive for the box it overlaps most when IoU >= 0.5,
+    background below 0.4, ignored in between; each box's best anchor is
+    positive whatever its IoU, so small boxes are never left unmatched.
+
+    Args:
+        anchors: `(A, 4)` "xyxy" anchors in detector-input pixels.
+        boxes: `(G, 4)` "xyxy" boxes in the same pixels.
+        labels: `(G,)` class indices.
+
+    Returns:
+        float32 `(A, 5)`: offsets to the matched box, then the class index
+        (-1 background, -2 ignored).
+    """
+    boxes = np.asarray(boxes, "float32").reshape(-1, 4)
+    labels = np.asarray(labels).reshape(-1)
+    targets = np.zeros((len(anchors), 5), "float32")
+    targets[:, 4] = _BACKGROUND
+    if len(boxes) == 0:
+        return targets
+    iou = keras.ops.convert_to_numpy(bounding_boxes.compute_iou(anchors, boxes, "xyxy"))
+    best_box = iou.argmax(axis=1)
+    best_iou = iou.max(axis=1)
+    classes = labels[best_box].astype("float32")
+    classes[best_iou < POSITIVE_IOU] = _IGNORE
+    classes[best_iou < NEGATIVE_IOU] = _BACKGROUND
+    best_anchor = iou.argmax(axis=0)
+    best_box[best_anchor] = np.arange(len(boxes))
+    classes[best_anchor] = labels.astype("float32")
+    targets[:, :4] = keras.ops.convert_to_numpy(
+        bounding_boxes.encode_box_to_deltas(
+            anchors, boxes[best_box], anchor_format="xyxy", box_format="xyxy",
+            variance=BOX_VARIANCE,
+        )
+    )
+    targets[:, 4] = classes
+    return targets
+
+
+def prepare_detection_data(
+    detector: keras.Model,
+    examples,
+    views: int = 1,
+    batch_size: int = 16,
+) -> DetectionData:
+    """Runs the frozen base once over the images and encodes their targets.
+
+    Args:
+        detector: A model from `build_detector`.
+        examples: A list of `tlkit.data.DetectionExample` (e.g.
+            `tlkit.data.load_detection("bccd").train`).
+        views: 1 for the plain images; 2 adds left-right flips; 4 adds
+            up-down flips and both (useful for rotation-free images such as
+            microscopy). Defaults to 1.
+        batch_size: Images per base forward pass. Defaults to 16.
+
+    Returns:
+        A `DetectionData`.
+
+    Raises:
+        ValueError: If `views` is not 1, 2 or 4 or `examples` is empty.
+    """
+    if views not in (1, 2, 4):
+        raise ValueError(f"views must be 1, 2 or 4. Received: views={views!r}")
+    examples = list(examples)
+    if not examples:
+        raise ValueError("examples is empty; pass e.g. dataset.train. Received: examples=[]")
+    height, width = detector.input_shape[1:3]
+    feature_pyramid = detector.get_layer("feature_pyramid")
+    images, scaled_boxes, sizes = [], [], []
+    for example in examples:
+        image = load_image(example.image_path)
+        sizes.append(image.shape[:2])
+        images.append(
+            keras.ops.convert_to_numpy(keras.ops.image.resize(image, (height, width)))
+        )
+        scale = np.array([width / image.shape[1], height / image.shape[0]] * 2, "float32")
+        scaled_boxes.append(np.asarray(example.boxes, "float32").reshape(-1, 4) * scale)
+    images = np.stack(images)
+    flips = [(False, False), (True, False), (False, True), (True, True)][:views]
+    features = [[] for _ in feature_pyramid.outputs]
+    targets = []
+    for flip_x, flip_y in flips:
+        view = images[:, :, ::-1] if flip_x else images
+        view = view[:, ::-1] if flip_y else view
+        for start in range(0, len(view), batch_size):
+            outputs = feature_pyramid(np.ascontiguousarray(view[start : start + batch_size]), training=False)
+            for level, output in zip(features, outputs):
+                level.append(keras.ops.convert_to_numpy(output).astype("float16"))
+        for boxes, example in zip(scaled_boxes, examples):
+            flipped = boxes.copy()
+            if flip_x:
+                flipped[:, [0, 2]] = width - boxes[:, [2, 0]]
+            if flip_y:
+                flipped[:, [1, 3]] = height - boxes[:, [3, 1]]
+            targets.append(encode_targets(detector.anchors, flipped, example.labels))
+    return DetectionData(
+        features=[np.concatenate(level) for level in features],
+        targets=np.stack(targets),
+        boxes=[np.asarray(e.boxes, "float32").reshape(-1, 4) for e in examples],
+        labels=[np.asarray(e.labels, "int32") for e in examples],
+        image_paths=[e.image_path for e in examples],
+        original_sizes=[tuple(int(v) for v in s) for s in sizes],
+        views=views,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Training and prediction
+# ---------------------------------------------------------------------------
+
+
+def train_detector(
+    detector: keras.Model,
+    train_data: DetectionData,
+    validation_data: DetectionData | None = None,
+    epochs: int = 30,
+    learning_rate: float = 1e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+    verbose: int = 0,
+) -> keras.callbacks.History:
+    """Trains the detection head on cached features; the base stays frozen.
+
+    Adam with a cosine-decaying learning rate. With `validation_data`, the
+    head ends with the weights of the epoch of lowest validation loss.
+
+    Args:
+        detector: A model from `build_detector`.
+        train_data: From `prepare_detection_data` with the same detector.
+        validation_data: Same, for validation loss, or None. Defaults to None.
+        epochs: Passes over `train_data`. Defaults to 30.
+        learning_rate: Initial learning rate. Defaults to 1e-3.
+        batch_size: Images per step. Defaults to 8.
+        seed: Shuffling seed. Defaults to 0.
+        verbose: Keras verbosity. Defaults to 0.
+
+    Returns:
+        The Keras `History` (`loss`, and `val_loss` with validation data).
+
+    Raises:
+        ValueError: If the data were prepared with another detector layout.
+    """
+    head = detector.get_layer("detection_head")
+    for data, name in ((train_data, "train_data"), (validation_data, "validation_data")):
+        if data is not None and data.targets.shape[1] != len(detector.anchors):
+            raise ValueError(
+                f"{name} has targets for {data.targets.shape[1]} anchors but the detector has "
+                f"{len(detector.anchors)}; prepare it with this detector. "
+                f"Received: {name}.targets.shape={data.targets.shape}"
+            )
+    steps = math.ceil(len(train_data.targets) / batch_size) * epochs
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1))
+    head.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=DetectionLoss(len(detector.class_names)),
+    )
+    callbacks = []
+    validation = None
+    if validation_data is not None:
+        validation = _dataset(validation_data, batch_size, shuffle=False, seed=seed)
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                patience=epochs, restore_best_weights=True, start_from_epoch=0
+            )
+        )
+    return head.fit(
+        _dataset(train_data, batch_size, shuffle=True, seed=seed),
+        validation_data=validation,
+        epochs=epochs,
+        callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles
+        verbose=verbose,
+    )
+
+
+def _dataset(data: DetectionData, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+    dataset = tf.data.Dataset.from_tensor_slices((tuple(data.features), data.targets))
+    if shuffle:
+        dataset = dataset.shuffle(len(data.targets), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).map(
+        lambda features, targets: (tuple(tf.cast(f, "float32") for f in features), targets)
+    )
+
+
+def predict_boxes(
+    detector: keras.Model,
+    images,
+    score_threshold: float = 0.05,
+    iou_threshold: float = 0.5,
+    max_detections: int = 100,
+    batch_size: int = 16,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Detects objects: decodes the anchors' offsets, then per-class non-maximum suppression.
+
+    Args:
+        detector: A model from `build_detector`.
+        images: A `DetectionData` (uses its cached features, fast), a list of
+            image files, or a list / array of RGB images (0..255, any size).
+        score_threshold: Drop detections scoring below this. Keep it low
+            (0.05) for mAP, higher (0.3-0.5) for drawing. Defaults to 0.05.
+        iou_threshold: Non-maximum suppression merges boxes of one class
+            overlapping more than this. Defaults to 0.5.
+        max_detections: At most this many boxes per image. Defaults to 100.
+        batch_size: Images per forward pass. Defaults to 16.
+
+    Returns:
+        One `(boxes, scores, classes)` per image: float32 `(K, 4)` "xyxy" in
+        that image's own pixels, float32 `(K,)` sorted high to low, int32 `(K,)`.
+
+    Raises:
+        ValueError: On thresholds outside [0, 1].
+    """
+    for value, name in ((score_threshold, "score_threshold"), (iou_threshold, "iou_threshold")):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]. Received: {name}={value!r}")
+    height, width = detector.input_shape[1:3]
+    if isinstance(images, DetectionData):
+        head = detector.get_layer("detection_head")
+        count = len(images)
+        raw = head.predict(
+            [level[:count].astype("float32") for level in images.features],
+            batch_size=batch_size, verbose=0,
+        )
+        sizes = images.original_sizes
+    else:
+        arrays = [load_image(i) if isinstance(i, (str, os.PathLike)) else np.asarray(i, "float32") for i in images]
+        sizes = [a.shape[:2] for a in arrays]
+        resized = np.stack(
+            [keras.ops.convert_to_numpy(keras.ops.image.resize(a, (height, width))) for a in arrays]
+        )
+        raw = detector.predict(resized, batch_size=batch_size, verbose=0)
+    return _decode(detector.anchors, raw, (height, width), sizes, score_threshold, iou_threshold, max_detections)
+
+
+def _decode(anchors, raw, input_size, sizes, score_threshold, iou_threshold, max_detections):
+    height, width = input_size
+    boxes = bounding_boxes.decode_deltas_to_boxes(
+        anchors, raw[..., :4], anchor_format="xyxy", box_format="yxyx", variance=BOX_VARIANCE
+    )
+    boxes = tf.clip_by_value(tf.convert_to_tensor(boxes), 0.0, [height, width, height, width])
+    scores = tf.sigmoid(raw[..., 4:])
+    nmsed = tf.image.combined_non_max_suppression(
+        boxes[:, :, None, :], scores, max_output_size_per_class=max_detections,
+        max_total_size=max_detections, iou_threshold=iou_threshold,
+        score_threshold=score_threshold, clip_boxes=False,
+    )
+    results = []
+    for index, (original_height, original_width) in enumerate(sizes):
+        count = int(nmsed.valid_detections[index])
+        yxyx = nmsed.nmsed_boxes[index, :count].numpy()
+        scale = np.array([original_width / width, original_height / height] * 2, "float32")
+        xyxy = yxyx[:, [1, 0, 3, 2]] * scale
+        results.append(
+            (
+                xyxy.astype("float32"),
+                nmsed.nmsed_scores[index, :count].numpy().astype("float32"),
+                nmsed.nmsed_classes[index, :count].numpy().astype("int32"),
+            )
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def mean_average_precision(
+    predictions,
+    ground_truth,
+    iou_threshold: float = 0.5,
+    class_names: list[str] | None = None,
+) -> dict[str, float]:
+    """COCO-style average precision per class at one IoU threshold, and their mean.
+
+    Uses the COCO reference implementation (`pycocotools`): detections are
+    matched greedily by score to unmatched true boxes of the same class with
+    IoU >= `iou_threshold`; unmatched detections, including duplicates of an
+    already matched box, are false positives. Precision is interpolated at
+    101 recall points. At 0.5 this is the "AP50" of COCO and close to Pascal
+    VOC 2010+ mAP.
+
+    Args:
+        predictions: One `(boxes, scores, classes)` per image, as
+            `predict_boxes` returns ("xyxy" pixels).
+        ground_truth: One entry per image, same order: a
+            `tlkit.data.DetectionExample` or a `(boxes, labels)` pair.
+        iou_threshold: Minimum IoU for a match. Defaults to 0.5.
+        class_names: Names for the per-class keys; None uses `"0"`, `"1"`, ...
+            Defaults to None (as many classes as the largest label + 1).
+
+    Returns:
+        `{class name: AP, ..., "mAP": mean}`. A class with no true boxes gets
+        NaN and is left out of the mean.
+
+    Raises:
+        ValueError: If the two lists differ in length.
+        ImportError: If `pycocotools` is not installed.
+
+    Example:
+        >>> truth = [(np.array([[0, 0, 10, 10]]), np.array([0]))]
+        >>> mean_average_precision([(truth[0][0], np.array([0.9]), np.array([0]))], truth)
+        {'0': 1.0, 'mAP': 1.0}
+    """
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as error:  # pragma: no cover - a declared dependency
+        raise ImportError(
+            "mean_average_precision uses COCO's reference implementation: "
+            "pip install pycocotools==2.0.11"
+        ) from error
+    predictions = list(predictions)
+    truth = [_boxes_and_labels(item) for item in ground_truth]
+    if len(predictions) != len(truth):
+        raise ValueError(
+            "predictions and ground_truth must have one entry per image, in the same order. "
+            f"Received: len(predictions)={len(predictions)}, len(ground_truth)={len(truth)}"
+        )
+    if class_names is None:
+        largest = max([int(labels.max()) for _, labels in truth if len(labels)] + [0])
+        class_names = [str(i) for i in range(largest + 1)]
+    annotations, detections = [], []
+    for image_id, ((boxes, labels), (predicted, scores, classes)) in enumerate(zip(truth, predictions)):
+        for box, label in zip(convert_boxes(boxes, "xyxy", "xywh"), labels):
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                 "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": 0}
+            )
+        predicted = np.asarray(predicted, "float32").reshape(-1, 4)
+        for box, score, label in zip(convert_boxes(predicted, "xyxy", "xywh"), scores, classes):
+            detections.append(
+                {"image_id": image_id, "category_id": int(label),
+                 "bbox": [float(v) for v in box], "score": float(score)}
+            )
+    truth_coco = COCO()
+    truth_coco.dataset = {
+        "images": [{"id": i} for i in range(len(truth))],
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n} for i, n in enumerate(class_names)],
+    }
+    result = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        truth_coco.createIndex()
+        if detections:
+            evaluation = COCOeval(truth_coco, truth_coco.loadRes(detections), "bbox")
+            evaluation.params.iouThrs = np.array([iou_threshold])
+            evaluation.params.maxDets = [max(100, max(len(p[1]) for p in predictions))]
+            evaluation.params.areaRng = [[0, 1e10]]
+            evaluation.params.areaRngLbl = ["all"]
+            evaluation.evaluate()
+            evaluation.accumulate()
+            precision = evaluation.eval["precision"][0, :, :, 0, -1]  # (recall, class)
+    has_truth = {int(a["category_id"]) for a in annotations}
+    for index, name in enumerate(class_names):
+        if index not in has_truth:
+            result[name] = float("nan")
+        elif not detections:
+            result[name] = 0.0
+        else:
+            result[name] = float(np.mean(precision[:, index]))
+    scored = [v for v in result.values() if not math.isnan(v)]
+    result["mAP"] = float(np.mean(scored)) if scored else float("nan")
+    return result
+
+
+def _boxes_and_labels(item) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(item, "boxes") and hasattr(item, "labels"):
+        boxes, labels = item.boxes, item.labels
+    else:
+        boxes, labels = item
+    return np.asarray(boxes, "float32").reshape(-1, 4), np.asarray(labels, "int64").reshape(-1)
+
+
+# ---------------------------------------------------------------------------
+# Drawing
+# ---------------------------------------------------------------------------
+
+_COLORS = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf"]
+
+
+def draw_boxes(
+    image,
+    boxes,
+    labels,
+    scores=None,
+    class_names: list[str] | None = None,
+    ax=None,
+    title: str | None = None,
+    linestyle: str = "-",
+) -> Any:
+    """Draws labelled boxes on an image with matplotlib.
+
+    Args:
+        image: An RGB array (0..255) or an image file.
+        boxes: `(N, 4)` "xyxy" pixels of that image.
+        labels: `(N,)` class indices.
+        scores: `(N,)` scores to print after the names, or None. Defaults to None.
+        class_names: Names for the labels, or None. Defaults to None.
+        ax: A matplotlib Axes to draw on, or None for a new figure. Defaults to None.
+        title: Axes title, or None. Defaults to None.
+        linestyle: Box line style, e.g. `"--"` for true boxes. Defaults to `"-"`.
+
+    Returns:
+        The matplotlib Figure.
+
+    Example:
+        >>> boxes, scores, classes = predict_boxes(detector, [path], 0.5)[0]
+        >>> draw_boxes(path, boxes, classes, scores, class_names=bccd.class_names)
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    boxes = np.asarray(boxes, "float32").reshape(-1, 4)
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(boxes):
+        raise ValueError(
+            f"boxes and labels must have the same length. Received: len(boxes)={len(boxes)}, "
+            f"len(labels)={len(labels)}"
+        )
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
+    ax.imshow(np.clip(np.asarray(image), 0, 255).astype("uint8"))
+    for index, (box, label) in enumerate(zip(boxes, labels)):
+        color = _COLORS[int(label) % len(_COLORS)]
+        ax.add_patch(
+            Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                      edgecolor=color, linewidth=1.5, linestyle=linestyle)
+        )
+        text = class_names[int(label)] if class_names else str(int(label))
+        if scores is not None:
+            text += f" {float(scores[index]):.2f}"
+        ax.text(box[0], box[1], text, color="white", fontsize=7, va="bottom",
+                bbox={"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0})
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax.figure

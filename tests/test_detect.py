@@ -54,7 +54,9 @@ def test_box_shifted_below_iou_threshold_scores_zero():
     truth = [(np.array([[10, 10, 50, 50]], "float32"), np.array([0]))]
     shifted = [(np.array([[30, 10, 70, 50]], "float32"), np.array([0.9]), np.array([0]))]
     assert detect.mean_average_precision(shifted, truth)["mAP"] == 0.0
-    assert detect.mean_average_precision(shifted, truth, iou_threshold=0.3)["mAP"] == pytest.approx(1.0)
+    assert detect.mean_average_precision(shifted, truth, iou_threshold=0.3)["mAP"] == pytest.approx(
+        1.0
+    )
 
 
 def test_duplicate_detections_are_false_positives():
@@ -162,7 +164,7 @@ def _square_images(folder):
     colours = [(230, 30, 30), (30, 200, 30), (30, 30, 230)]
     corners = [(10, 20), (60, 50), (30, 70)]
     examples = []
-    for label, (colour, (x, y)) in enumerate(zip(colours, corners)):
+    for label, (colour, (x, y)) in enumerate(zip(colours, corners, strict=True)):
         image = np.full((128, 128, 3), 128, "uint8")
         image[y : y + 40, x : x + 40] = colour
         path = folder / f"square{label}.png"
@@ -185,7 +187,7 @@ def test_tiny_overfit_reaches_high_map(tmp_path):
     data = detect.prepare_detection_data(detector, examples, views=4)
     assert data.features[0].shape[0] == 12 and data.targets.shape[0] == 12
     detect.train_detector(detector, data, epochs=60, learning_rate=3e-3, batch_size=4)
-    for old, new in zip(before, pyramid.get_weights()[:4]):
+    for old, new in zip(before, pyramid.get_weights()[:4], strict=True):
         np.testing.assert_array_equal(old, new)  # the base stayed frozen
     predictions = detect.predict_boxes(detector, data, score_threshold=0.05)
     result = detect.mean_average_precision(predictions, examples)

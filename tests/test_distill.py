@@ -109,10 +109,11 @@ def test_temperature_softens_targets_and_t_squared_keeps_the_gradient_scale():
             loss = distillation_loss([0], student, teacher, alpha=0.0, temperature=temperature)
         return tape.gradient(loss, student).numpy()
 
-    # For large T the gradient of T**2 * KL tends to (s - t) / num_classes, whatever T is.
+    # For large T the gradient of T**2 * KL tends to (s - t) / num_classes, whatever T is
+    # (the error shrinks like 1 / T).
     limit = (student.numpy() - teacher.numpy()) / 3
-    np.testing.assert_allclose(soft_gradient(50.0), limit, atol=2e-3)
-    np.testing.assert_allclose(soft_gradient(100.0), limit, atol=1e-3)
+    errors = [np.abs(soft_gradient(t) - limit).max() for t in (25.0, 100.0, 400.0)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 3e-3, errors
     # Without the T**2 factor it would shrink like 1 / T**2.
     assert np.abs(soft_gradient(1.0)).max() > 0.1 * np.abs(limit).max()
 
@@ -129,7 +130,7 @@ def test_teacher_frozen_student_trained_and_saveable(image_split, tmp_path):
     student_before = [w.copy() for w in student.get_weights()]
     distiller = Distiller(student, teacher)
     distiller.compile(keras.optimizers.Adam(1e-2), alpha=0.1, temperature=3)
-    history = distiller.fit(image_split.to_dataset(8, batch_size=8), epochs=2, verbose=0)
+    history = distiller.fit(image_split.to_dataset(8, batch_size=8), epochs=2, shuffle=False, verbose=0)
     assert np.isfinite(history.history["loss"]).all() and "accuracy" in history.history
     for before, after in zip(teacher_before, teacher.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
@@ -163,7 +164,7 @@ def test_cached_logits_path_equals_on_the_fly_teacher(image_split, tmp_path):
         student = _image_model("student", 2)
         distiller = Distiller(student, teacher)
         distiller.compile(keras.optimizers.SGD(0.05), alpha=0.2, temperature=2)
-        distiller.fit(data, epochs=2, verbose=0)
+        distiller.fit(data, epochs=2, shuffle=False, verbose=0)
         students.append(student)
     for a, b in zip(students[0].get_weights(), students[1].get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -186,7 +187,8 @@ def test_distillation_dataset_keeps_logits_with_their_images_when_shuffled(image
 def test_teacher_logits_cache_key_follows_the_weights(image_split, tmp_path):
     teacher = _image_model("teacher", 1)
     first = teacher_logits(teacher, image_split, 8, cache=tmp_path, progress=False)
-    teacher.set_weights([w + 0.1 for w in teacher.get_weights()])
+    rng = np.random.default_rng(1)
+    teacher.set_weights([w + rng.normal(0, 0.1, w.shape) for w in teacher.get_weights()])
     second = teacher_logits(teacher, image_split, 8, cache=tmp_path, progress=False)
     assert not np.allclose(first, second)
     assert len(list(tmp_path.iterdir())) == 2
@@ -202,16 +204,19 @@ def test_errors_say_how_to_fix(image_split):
         distiller.compile(loss="mse")
     distiller.compile()
     with pytest.raises(ValueError, match="cached teacher logits"):
-        distiller.fit(image_split.to_dataset(8, batch_size=8), epochs=1, verbose=0)
+        distiller.fit(image_split.to_dataset(8, batch_size=8), epochs=1, shuffle=False, verbose=0)
     with pytest.raises(ValueError, match=r"Received: logits.shape=\(3, 3\)"):
         distillation_dataset(image_split, np.zeros((3, 3)), 8)
 
 
 def test_good_teacher_helps_on_few_labels():
-    """A linear student learns a 5-class task from 30 labels far better with soft targets."""
+    """A linear student learns a 5-class task from 30 labels far better with soft targets.
+
+    Measured (seeds 0 and 1): about 0.50 alone, 0.96-0.98 distilled.
+    """
     rng = np.random.default_rng(0)
-    dimensions, classes = 20, 5
-    true_weights = rng.normal(size=(dimensions, classes)) * 2.0
+    dimensions, classes, steps = 10, 5, 150
+    true_weights = rng.normal(size=(dimensions, classes))
     x_train = rng.normal(size=(30, dimensions)).astype(np.float32)
     x_test = rng.normal(size=(2000, dimensions)).astype(np.float32)
     teacher_train = (x_train @ true_weights).astype(np.float32)  # The teacher knows the rule.
@@ -225,14 +230,23 @@ def test_good_teacher_helps_on_few_labels():
 
     alone = student_model()
     alone.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
-    alone.fit(x_train, y_train, epochs=150, batch_size=30, verbose=0)
+    # One epoch over `steps` copies of the 30 examples: `steps` full-batch updates.
+    alone.fit(
+        np.tile(x_train, (steps, 1)), np.tile(y_train, steps), batch_size=30, shuffle=False, verbose=0
+    )
 
     student = student_model()
     distiller = Distiller(student)
     distiller.compile(keras.optimizers.Adam(0.05), alpha=0.1, temperature=3)
-    distiller.fit(x_train, (y_train, teacher_train), epochs=150, batch_size=30, verbose=0)
+    distiller.fit(
+        np.tile(x_train, (steps, 1)),
+        (np.tile(y_train, steps), np.tile(teacher_train, (steps, 1))),
+        batch_size=30,
+        shuffle=False,
+        verbose=0,
+    )
 
     accuracy_alone = np.mean(alone.predict(x_test, verbose=0).argmax(1) == y_test)
     accuracy_distilled = np.mean(student.predict(x_test, verbose=0).argmax(1) == y_test)
-    assert accuracy_distilled > accuracy_alone + 0.1, (accuracy_alone, accuracy_distilled)
-    assert accuracy_distilled > 0.85
+    assert accuracy_distilled > accuracy_alone + 0.2, (accuracy_alone, accuracy_distilled)
+    assert accuracy_distilled > 0.9, accuracy_distilled

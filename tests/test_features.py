@@ -130,3 +130,46 @@ def test_feature_set_dataset_keeps_pairs_when_shuffled():
     assert sorted(seen) == list(range(10)) and list(seen) != list(range(10))
     for x, y in batches:
         np.testing.assert_array_equal(x.numpy()[:, 0], y.numpy())
+
+
+def test_jit_compiled_extraction_matches(base, split):
+    plain = extract_features(base, split, batch_size=4, cache=False, progress=False)
+    compiled = extract_features(base, split, batch_size=4, cache=False, progress=False, jit_compile=True)
+    np.testing.assert_allclose(compiled.features, plain.features, rtol=1e-4, atol=1e-4)
+
+
+def test_split_at_block_recomposes_the_base(base, split, tmp_path):
+    from tlkit.features import split_at_block
+
+    lower, upper = split_at_block(base, "block16")
+    images = split.images.astype("float32")
+    np.testing.assert_allclose(upper(lower(images)), base(images), rtol=1e-5, atol=1e-5)
+    activations = extract_features(lower, split, batch_size=4, cache=tmp_path, progress=False)
+    assert activations.features.shape == (COUNT, *lower.output_shape[1:])
+    assert activations.path.name.startswith(f"{lower.name}-{SIZE}px-")
+    assert set(upper.layers[1:]) <= set(base.layers)  # Shared layers: training upper tunes base.
+
+
+@pytest.mark.parametrize("block", ["stem", "block99", "head_conv"])
+def test_split_at_block_rejects_bad_blocks(base, block):
+    from tlkit.features import split_at_block
+
+    with pytest.raises(ValueError, match="Received: block="):
+        split_at_block(base, block)
+
+
+def test_build_upper_classifier_trains_only_non_batch_norm_layers():
+    from tlkit.features import build_upper_classifier, split_at_block
+
+    base = tlkit.build_feature_extractor("mobilenet_v2", image_size=SIZE, weights=None)
+    lower, upper = split_at_block(base, "block17")
+    head = tlkit.models.build_head(1280, 2)
+    model = build_upper_classifier(upper, head, learning_rate=1e-3)
+    batch_norms = [w.path for w in model.trainable_weights if "_bn" in w.path]
+    assert not batch_norms and model.trainable_weights
+    frozen = base.get_layer("block17_project_bn").moving_mean.numpy().copy()
+    before = base.get_layer("block17_project_conv").kernel.numpy().copy()
+    activations = lower(np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32"))
+    model.fit(activations, np.array([0, 1, 0, 1]), epochs=1, verbose=0)
+    assert not np.array_equal(base.get_layer("block17_project_conv").kernel.numpy(), before)
+    np.testing.assert_array_equal(base.get_layer("block17_project_bn").moving_mean.numpy(), frozen)

@@ -84,9 +84,7 @@ def convert_boxes(boxes, source: str = "xyxy", target: str = "xywh") -> np.ndarr
     """
     boxes = np.asarray(boxes, dtype="float32")
     if boxes.shape[-1:] != (4,):
-        raise ValueError(
-            f"Boxes must have shape (..., 4). Received: boxes.shape={boxes.shape}"
-        )
+        raise ValueError(f"Boxes must have shape (..., 4). Received: boxes.shape={boxes.shape}")
     if boxes.size == 0:
         return boxes.reshape(boxes.shape)
     return np.asarray(
@@ -173,7 +171,9 @@ def pyramid_layer_names(base: keras.Model, strides: tuple[int, ...] = (8, 16, 32
     if candidates:
         probe = keras.Model(base.input, [base.get_layer(n).output for n in candidates])
         outputs = probe(np.zeros((1, probe_size, probe_size, 3), "float32"), training=False)
-        stride_of = {n: probe_size // int(o.shape[1]) for n, o in zip(candidates, outputs)}
+        stride_of = {
+            n: probe_size // int(o.shape[1]) for n, o in zip(candidates, outputs, strict=True)
+        }
     else:
         stride_of = {}
     names = []
@@ -245,7 +245,9 @@ def build_detector(
     """
     get_backbone(backbone)
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer. Received: num_classes={num_classes!r}")
+        raise ValueError(
+            f"num_classes must be a positive integer. Received: num_classes={num_classes!r}"
+        )
     if (
         not isinstance(image_size, (tuple, list))
         or len(image_size) != 2
@@ -277,7 +279,9 @@ def build_detector(
     outputs = head(features)
     detector = keras.Model(inputs, outputs, name=f"{backbone}_detector")
     detector.anchors = make_anchors(image_size, strides, anchor_scale, scales, aspect_ratios)
-    detector.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    detector.class_names = (
+        list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    )
     detector.pyramid_layers = names
     return detector
 
@@ -285,11 +289,12 @@ def build_detector(
 def _build_head(channels, num_classes, anchors_per_cell, width, depth) -> keras.Model:
     layers = keras.layers
     inputs = [
-        keras.Input(shape=(None, None, c), name=f"stride{s}") for c, s in zip(channels, (8, 16, 32))
+        keras.Input(shape=(None, None, c), name=f"stride{s}")
+        for c, s in zip(channels, (8, 16, 32), strict=True)
     ]
     laterals = [
         layers.Conv2D(width, 1, name=f"lateral_stride{s}")(x)
-        for x, s in zip(inputs, (8, 16, 32))
+        for x, s in zip(inputs, (8, 16, 32), strict=True)
     ]
     # Top-down path: add the upsampled coarser level to each finer one.
     for index in (1, 0):
@@ -305,20 +310,21 @@ def _build_head(channels, num_classes, anchors_per_cell, width, depth) -> keras.
     ]
     prior = 0.01  # RetinaNet: start every anchor at 1 % foreground probability.
     class_output = layers.Conv2D(
-        anchors_per_cell * num_classes, 3, padding="same", name="class_logits",
+        anchors_per_cell * num_classes,
+        3,
+        padding="same",
+        name="class_logits",
         bias_initializer=keras.initializers.Constant(-math.log((1 - prior) / prior)),
     )
     box_output = layers.Conv2D(
         anchors_per_cell * 4, 3, padding="same", name="box_offsets", kernel_initializer="zeros"
     )
     per_level = []
-    for x, stride in zip(laterals, (8, 16, 32)):
+    for x, stride in zip(laterals, (8, 16, 32), strict=True):
         for conv in tower:
             x = conv(x)
         boxes = layers.Reshape((-1, 4), name=f"boxes_stride{stride}")(box_output(x))
-        classes = layers.Reshape((-1, num_classes), name=f"classes_stride{stride}")(
-            class_output(x)
-        )
+        classes = layers.Reshape((-1, num_classes), name=f"classes_stride{stride}")(class_output(x))
         per_level.append(layers.Concatenate(name=f"predictions_stride{stride}")([boxes, classes]))
     outputs = layers.Concatenate(axis=1, name="predictions")(per_level)
     return keras.Model(inputs, outputs, name="detection_head")
@@ -338,7 +344,9 @@ class DetectionLoss(keras.losses.Loss):
         name: Loss name. Defaults to `"detection_loss"`.
     """
 
-    def __init__(self, num_classes, alpha=0.25, gamma=2.0, box_weight=1.0, name="detection_loss", **kwargs):
+    def __init__(
+        self, num_classes, alpha=0.25, gamma=2.0, box_weight=1.0, name="detection_loss", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.num_classes = num_classes
         self.alpha = alpha
@@ -354,8 +362,12 @@ class DetectionLoss(keras.losses.Loss):
         one_hot = ops.one_hot(ops.cast(ops.maximum(labels, 0), "int32"), self.num_classes)
         one_hot = one_hot * positive[..., None]
         focal = keras.losses.binary_focal_crossentropy(
-            one_hot[..., None], y_pred[..., 4:, None], apply_class_balancing=True,
-            alpha=self.alpha, gamma=self.gamma, from_logits=True,
+            one_hot[..., None],
+            y_pred[..., 4:, None],
+            apply_class_balancing=True,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            from_logits=True,
         )  # (batch, anchors, classes)
         class_loss = ops.sum(ops.sum(focal, axis=-1) * keep, axis=-1)
         huber = keras.losses.huber(y_true[..., None, :4], y_pred[..., None, :4], delta=1.0)
@@ -438,7 +450,10 @@ def encode_targets(anchors: np.ndarray, boxes, labels) -> np.ndarray:
     classes[best_anchor] = labels.astype("float32")
     targets[:, :4] = keras.ops.convert_to_numpy(
         bounding_boxes.encode_box_to_deltas(
-            anchors, boxes[best_box], anchor_format="xyxy", box_format="xyxy",
+            anchors,
+            boxes[best_box],
+            anchor_format="xyxy",
+            box_format="xyxy",
             variance=BOX_VARIANCE,
         )
     )
@@ -480,9 +495,7 @@ def prepare_detection_data(
     for example in examples:
         image = load_image(example.image_path)
         sizes.append(image.shape[:2])
-        images.append(
-            keras.ops.convert_to_numpy(keras.ops.image.resize(image, (height, width)))
-        )
+        images.append(keras.ops.convert_to_numpy(keras.ops.image.resize(image, (height, width))))
         scale = np.array([width / image.shape[1], height / image.shape[0]] * 2, "float32")
         scaled_boxes.append(np.asarray(example.boxes, "float32").reshape(-1, 4) * scale)
     images = np.stack(images)
@@ -493,10 +506,12 @@ def prepare_detection_data(
         view = images[:, :, ::-1] if flip_x else images
         view = view[:, ::-1] if flip_y else view
         for start in range(0, len(view), batch_size):
-            outputs = feature_pyramid(np.ascontiguousarray(view[start : start + batch_size]), training=False)
-            for level, output in zip(features, outputs):
+            outputs = feature_pyramid(
+                np.ascontiguousarray(view[start : start + batch_size]), training=False
+            )
+            for level, output in zip(features, outputs, strict=True):
                 level.append(keras.ops.convert_to_numpy(output).astype("float16"))
-        for boxes, example in zip(scaled_boxes, examples):
+        for boxes, example in zip(scaled_boxes, examples, strict=True):
             flipped = boxes.copy()
             if flip_x:
                 flipped[:, [0, 2]] = width - boxes[:, [2, 0]]
@@ -629,17 +644,29 @@ def predict_boxes(
         count = len(images)
         raw = head.predict(
             [level[:count].astype("float32") for level in images.features],
-            batch_size=batch_size, verbose=0,
+            batch_size=batch_size,
+            verbose=0,
         )
         sizes = images.original_sizes
     else:
-        arrays = [load_image(i) if isinstance(i, (str, os.PathLike)) else np.asarray(i, "float32") for i in images]
+        arrays = [
+            load_image(i) if isinstance(i, (str, os.PathLike)) else np.asarray(i, "float32")
+            for i in images
+        ]
         sizes = [a.shape[:2] for a in arrays]
         resized = np.stack(
             [keras.ops.convert_to_numpy(keras.ops.image.resize(a, (height, width))) for a in arrays]
         )
         raw = detector.predict(resized, batch_size=batch_size, verbose=0)
-    return _decode(detector.anchors, raw, (height, width), sizes, score_threshold, iou_threshold, max_detections)
+    return _decode(
+        detector.anchors,
+        raw,
+        (height, width),
+        sizes,
+        score_threshold,
+        iou_threshold,
+        max_detections,
+    )
 
 
 def _decode(anchors, raw, input_size, sizes, score_threshold, iou_threshold, max_detections):
@@ -650,9 +677,13 @@ def _decode(anchors, raw, input_size, sizes, score_threshold, iou_threshold, max
     boxes = tf.clip_by_value(tf.convert_to_tensor(boxes), 0.0, [height, width, height, width])
     scores = tf.sigmoid(raw[..., 4:])
     nmsed = tf.image.combined_non_max_suppression(
-        boxes[:, :, None, :], scores, max_output_size_per_class=max_detections,
-        max_total_size=max_detections, iou_threshold=iou_threshold,
-        score_threshold=score_threshold, clip_boxes=False,
+        boxes[:, :, None, :],
+        scores,
+        max_output_size_per_class=max_detections,
+        max_total_size=max_detections,
+        iou_threshold=iou_threshold,
+        score_threshold=score_threshold,
+        clip_boxes=False,
     )
     results = []
     for index, (original_height, original_width) in enumerate(sizes):
@@ -731,17 +762,31 @@ def mean_average_precision(
         largest = max([int(labels.max()) for _, labels in truth if len(labels)] + [0])
         class_names = [str(i) for i in range(largest + 1)]
     annotations, detections = [], []
-    for image_id, ((boxes, labels), (predicted, scores, classes)) in enumerate(zip(truth, predictions)):
-        for box, label in zip(convert_boxes(boxes, "xyxy", "xywh"), labels):
+    for image_id, ((boxes, labels), (predicted, scores, classes)) in enumerate(
+        zip(truth, predictions, strict=True)
+    ):
+        for box, label in zip(convert_boxes(boxes, "xyxy", "xywh"), labels, strict=True):
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                 "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": 0}
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [float(v) for v in box],
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": 0,
+                }
             )
         predicted = np.asarray(predicted, "float32").reshape(-1, 4)
-        for box, score, label in zip(convert_boxes(predicted, "xyxy", "xywh"), scores, classes):
+        for box, score, label in zip(
+            convert_boxes(predicted, "xyxy", "xywh"), scores, classes, strict=True
+        ):
             detections.append(
-                {"image_id": image_id, "category_id": int(label),
-                 "bbox": [float(v) for v in box], "score": float(score)}
+                {
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [float(v) for v in box],
+                    "score": float(score),
+                }
             )
     truth_coco = COCO()
     truth_coco.dataset = {
@@ -833,17 +878,31 @@ def draw_boxes(
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
     ax.imshow(np.clip(np.asarray(image), 0, 255).astype("uint8"))
-    for index, (box, label) in enumerate(zip(boxes, labels)):
+    for index, (box, label) in enumerate(zip(boxes, labels, strict=True)):
         color = _COLORS[int(label) % len(_COLORS)]
         ax.add_patch(
-            Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                      edgecolor=color, linewidth=1.5, linestyle=linestyle)
+            Rectangle(
+                (box[0], box[1]),
+                box[2] - box[0],
+                box[3] - box[1],
+                fill=False,
+                edgecolor=color,
+                linewidth=1.5,
+                linestyle=linestyle,
+            )
         )
         text = class_names[int(label)] if class_names else str(int(label))
         if scores is not None:
             text += f" {float(scores[index]):.2f}"
-        ax.text(box[0], box[1], text, color="white", fontsize=7, va="bottom",
-                bbox={"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0})
+        ax.text(
+            box[0],
+            box[1],
+            text,
+            color="white",
+            fontsize=7,
+            va="bottom",
+            bbox={"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0},
+        )
     ax.set_axis_off()
     if title:
         ax.set_title(title)

@@ -139,8 +139,13 @@ def extract_features(
     seed: int = 0,
     cache: bool | str | Path = True,
     progress: bool = True,
+    jit_compile: bool = False,
 ) -> FeatureSet:
     """Runs the frozen base over a split once, with a disk cache.
+
+    Any model works as `base`, also one whose output is a feature map (such as
+    the `lower` part from `split_at_block`): the stored array then has that
+    shape per row.
 
     Args:
         base: A frozen feature extractor (`tlkit.build_feature_extractor`).
@@ -156,6 +161,10 @@ def extract_features(
         cache: True for the default cache folder, a folder path, or False to
             skip the cache. Defaults to True.
         progress: Show a progress bar. Defaults to True.
+        jit_compile: Compile the forward pass with XLA
+            (`tf.function(jit_compile=True)`). The features equal the plain
+            pass' within float32 round-off, so the cache key ignores it; see
+            `bench/throughput.py` for when it pays off. Defaults to False.
 
     Returns:
         A `FeatureSet`.
@@ -185,7 +194,10 @@ def extract_features(
                 return FeatureSet(stored["features"], stored["labels"], views, path, True)
 
     infer = tf.function(
-        lambda images: base(images, training=False), reduce_retracing=True, autograph=False
+        lambda images: base(images, training=False),
+        reduce_retracing=True,
+        autograph=False,
+        jit_compile=bool(jit_compile),
     )
     steps = math.ceil(len(split) / batch_size) * views
     bar = _progress_bar(steps, f"features {base.name} {split.name}", progress)
@@ -271,6 +283,89 @@ def train_head(
         class_weight=class_weight,
     )
     return history.history
+
+
+def split_at_block(base: keras.Model, block: str) -> tuple[keras.Model, keras.Model]:
+    """Cuts a backbone in two at the start of a block, for cached-activation fine-tuning.
+
+    When only the top blocks are fine-tuned, everything below them is frozen
+    and computes the same activations every epoch. `lower` maps raw images to
+    the activations that enter `block`; compute them once (for a fixed number
+    of augmented views) with `extract_features(lower, ...)`, then train
+    `upper` and a head on them with `build_upper_classifier`. The two parts
+    share their layers with `base`, so training `upper` fine-tunes `base`.
+
+    Args:
+        base: A tlkit backbone (`build_feature_extractor`) with a fixed input
+            size, e.g. `build_feature_extractor("mobilenet_v2", 160)`.
+        block: The first block of `upper`, one of
+            `tlkit.models.block_names(base)` except `"stem"`, e.g. `"block15"`.
+
+    Returns:
+        `(lower, upper)`: `lower` takes raw 0..255 images and returns the
+        feature map that enters `block`; `upper` maps that feature map to the
+        pooled features. `upper(lower(x))` equals `base(x)`.
+
+    Raises:
+        ValueError: On an unknown block, `"stem"`, or a base whose input size
+            is not fixed.
+
+    Example:
+        >>> lower, upper = split_at_block(base, "block15")
+        >>> activations = extract_features(lower, train, views=4, augmentation="natural")
+    """
+    from tlkit.models import block_names
+
+    names = block_names(base)
+    if block not in names[1:]:
+        raise ValueError(
+            f"block must name a block of {base.name} after the stem, one of {names[1:]}. "
+            f"Received: block={block!r}"
+        )
+    if base.input_shape[1] is None:
+        raise ValueError(
+            "split_at_block needs a base with a fixed input size, e.g. "
+            f"build_feature_extractor({base.name!r}, image_size=224). "
+            f"Received: input_shape={base.input_shape}"
+        )
+    from tlkit.backbones import get_backbone
+
+    spec = get_backbone(base.name)
+    first = next(layer for layer in base.layers if spec.block_of(layer.name) == block)
+    cut = first.input
+    lower = keras.Model(base.input, cut, name=f"{base.name}_below_{block}")
+    upper = keras.Model(cut, base.output, name=f"{base.name}_from_{block}")
+    return lower, upper
+
+
+def build_upper_classifier(
+    upper: keras.Model, head: keras.Model, learning_rate: float = 1e-5
+) -> keras.Model:
+    """The `upper` part of a split base with a head, unfrozen and compiled.
+
+    Every layer of `upper` becomes trainable except BatchNormalization, and
+    `upper` runs with `training=False`, the same rules as
+    `tlkit.models.unfreeze`. The model takes the activations from the
+    `lower` part (`split_at_block`).
+
+    Args:
+        upper: The `upper` model from `split_at_block`.
+        head: A head from `tlkit.models.build_head` (e.g. trained on features).
+        learning_rate: Adam learning rate. Defaults to 1e-5.
+
+    Returns:
+        A compiled `keras.Model` from activations to class probabilities.
+    """
+    from tlkit.models import compile_classifier
+
+    upper.trainable = True
+    for layer in upper._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    inputs = keras.Input(shape=upper.input_shape[1:], name="activations")
+    outputs = head(upper(inputs, training=False))
+    model = keras.Model(inputs, outputs, name=f"{upper.name}_classifier")
+    return compile_classifier(model, learning_rate=learning_rate)
 
 
 def resolve_class_weight(

@@ -90,14 +90,57 @@ def select_images(features: FeatureSet, indices: Any) -> FeatureSet:
     return FeatureSet(features.features[rows], features.labels[rows], features.views)
 
 
+def choose_labelled(labels: Any, labels_per_class: int, seed: int = 0) -> np.ndarray:
+    """Seeded positions of `labels_per_class` examples of every class.
+
+    The draw depends only on the labels and the seed, so the same images are
+    chosen for cached features, for image arrays and for every method compared.
+
+    Args:
+        labels: Integer labels of all the images (one per image).
+        labels_per_class: Images per class to choose.
+        seed: Seed of the draw. Defaults to 0.
+
+    Returns:
+        Sorted int64 positions, `labels_per_class * num_classes` of them.
+
+    Raises:
+        ValueError: If `labels_per_class` is not a positive int or a class
+            has no more images than that (some must stay unlabelled).
+
+    Example:
+        >>> choose_labelled([0, 0, 0, 1, 1, 1], 1, seed=0).tolist()
+        [1, 5]
+    """
+    if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, (int, np.integer)) or labels_per_class < 1:
+        raise ValueError(
+            "labels_per_class must be a positive int, e.g. 10. "
+            f"Received: labels_per_class={labels_per_class!r}"
+        )
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    counts = np.bincount(labels)
+    if counts.min() <= labels_per_class:
+        raise ValueError(
+            f"Every class needs more than {labels_per_class} images to leave some unlabelled; "
+            f"the smallest has {int(counts.min())}. Received: labels_per_class={labels_per_class}"
+        )
+    generator = np.random.default_rng(int(seed))
+    chosen = [
+        generator.choice(np.flatnonzero(labels == index), labels_per_class, replace=False)
+        for index in range(len(counts))
+    ]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
 def split_labelled(
     features: FeatureSet, labels_per_class: int, seed: int = 0
 ) -> tuple[FeatureSet, FeatureSet]:
     """Keeps the labels of a few images per class and treats the rest as unlabelled.
 
     The standard semi-supervised benchmark: the labels of the "unlabelled"
-    images are kept in the returned set only to measure how good pseudo-labels
-    are; the methods here never train on them.
+    images stay in the returned set only to measure how good pseudo-labels
+    are; the methods here never train on them. The images are chosen by
+    `choose_labelled(labels of view 0, labels_per_class, seed)`.
 
     Args:
         features: Features of a labelled split, one or more views.
@@ -114,27 +157,8 @@ def split_labelled(
     Example:
         >>> labelled, unlabelled = split_labelled(train_features, 10, seed=0)
     """
-    if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, (int, np.integer)) or labels_per_class < 1:
-        raise ValueError(
-            "labels_per_class must be a positive int, e.g. 10. "
-            f"Received: labels_per_class={labels_per_class!r}"
-        )
     plain = features.first_view().labels
-    counts = np.bincount(plain)
-    if counts.min() <= labels_per_class:
-        raise ValueError(
-            f"Every class needs more than {labels_per_class} images to leave some unlabelled; "
-            f"the smallest has {int(counts.min())}. Received: labels_per_class={labels_per_class}"
-        )
-    generator = np.random.default_rng(int(seed))
-    chosen = np.sort(
-        np.concatenate(
-            [
-                generator.choice(np.flatnonzero(plain == index), labels_per_class, replace=False)
-                for index in range(len(counts))
-            ]
-        )
-    )
+    chosen = choose_labelled(plain, labels_per_class, seed)
     rest = np.setdiff1d(np.arange(len(plain)), chosen)
     return select_images(features, chosen), select_images(features, rest)
 
@@ -226,6 +250,7 @@ def pseudo_label(
     learning_rate: float = 1e-3,
     validation: FeatureSet | None = None,
     true_labels_known: bool = True,
+    balance: bool = True,
     seed: int = 0,
 ) -> tuple[keras.Model, SelfTrainingReport]:
     """Self-training on cached features: labels, then confident pseudo-labels.
@@ -254,6 +279,11 @@ def pseudo_label(
             Defaults to None.
         true_labels_known: Whether `unlabelled.labels` are the true labels (a
             benchmark that hides them). False when they are placeholders.
+            Defaults to True.
+        balance: Keep the same number of pseudo-labels for every class that
+            has any: the most confident ones, as many as the class with the
+            fewest (but at least one) confident images has. Without it the head's favourite classes
+            flood the training set and the head drifts towards them.
             Defaults to True.
         seed: Shuffle seed. Defaults to 0.
 
@@ -285,6 +315,8 @@ def pseudo_label(
     for round_index in range(rounds + 1):
         if round_index > 0:
             selected, predicted = select_confident(head, plain, threshold)
+            if balance:
+                selected, predicted = _balance(head, plain, selected, predicted)
             chosen = select_images(unlabelled, selected)
             pseudo = FeatureSet(chosen.features, np.tile(predicted, unlabelled.views), unlabelled.views)
             training = _concatenate(labelled, pseudo)
@@ -563,6 +595,24 @@ def _check_sets(head: keras.Model, **sets: FeatureSet) -> None:
                 f"labelled has class index {int(features.labels.max())} but the head has "
                 f"{num_classes} outputs. Received: max label={int(features.labels.max())}"
             )
+
+
+def _balance(head, plain, selected, predicted):
+    """The most confident pseudo-labels, the same number for every class."""
+    num_classes = int(head.output_shape[-1])
+    counts = np.bincount(predicted, minlength=num_classes)
+    if not counts.any():
+        return selected, predicted
+    keep = int(counts[counts > 0].min())
+    confidence = head.predict(plain.features[selected], batch_size=256, verbose=0).max(axis=1)
+    chosen = np.concatenate(
+        [
+            np.flatnonzero(predicted == index)[np.argsort(-confidence[predicted == index], kind="stable")[:keep]]
+            for index in range(num_classes)
+        ]
+    )
+    chosen = np.sort(chosen)
+    return selected[chosen], predicted[chosen]
 
 
 def _concatenate(first: FeatureSet, second: FeatureSet) -> FeatureSet:

@@ -1,0 +1,259 @@
+"""Shared plumbing of the tlkit benchmarks: sizes, isolation, machine facts, results.
+
+Every benchmark script follows the same shape:
+
+- `--quick` (or `QUICK=1`) shrinks the data and epochs so the script finishes in
+  about a minute; the test suite runs that size (`tests/test_bench_quick.py`).
+- Each contender runs in its own subprocess (`run_contender`), so its peak
+  resident memory (`ru_maxrss` of that process) is its own, and a contender
+  cannot warm a cache for the next one.
+- Every subprocess gets a fresh, empty `$TLKIT_CACHE_DIR` (features are computed,
+  never read from an earlier run); only the converted ImageNet weights (a
+  one-time install step) are linked in.
+- Results go to `<results>/<name>.json` and `<results>/<name>.md`, each written
+  atomically, with the machine, versions, seeds, dataset fingerprints and the
+  exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+DEFAULT_RESULTS = BENCH_DIR / "results"
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "datasets"
+
+if str(ROOT) not in sys.path:  # Run as `python bench/x.py` from a checkout.
+    sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def parse_args(description: str, argv=None, extra: Callable | None = None) -> argparse.Namespace:
+    """The common command line: --quick, --results, --seed, and the child mode."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (also QUICK=1)")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="output folder")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # contender name (subprocess)
+    parser.add_argument("--params", help=argparse.SUPPRESS)  # JSON parameters (subprocess)
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    args.quick = args.quick or os.environ.get("QUICK", "").lower() in ("1", "true", "yes")
+    return args
+
+
+def command_line() -> str:
+    """The command that started this process, as a copy-paste shell line."""
+    quick = "QUICK=1 " if os.environ.get("QUICK", "").lower() in ("1", "true", "yes") else ""
+    script = os.path.relpath(sys.argv[0], ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+    return quick + shlex.join(["python", script, *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------
+
+
+def setup_environment() -> None:
+    """Quiet TensorFlow and point tlkit at the shared datasets when unset."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not os.environ.get("TLKIT_DATA_DIR") and DEFAULT_DATA_DIR.is_dir():
+        os.environ["TLKIT_DATA_DIR"] = str(DEFAULT_DATA_DIR)
+
+
+def machine() -> dict[str, Any]:
+    """nproc, CPU model, memory and the load average when the benchmark started."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gb = None
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory_gb = round(pages / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": model,
+        "memory_gb": memory_gb,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict[str, str]:
+    """tlkit / TF / Keras / numpy / Python versions, plus LiteRT when installed."""
+    from tlkit.training import versions as tlkit_versions
+
+    result = tlkit_versions()
+    try:
+        from importlib.metadata import version
+
+        result["ai_edge_litert"] = version("ai-edge-litert")
+    except Exception:  # Not installed: the LiteRT contender is skipped.
+        pass
+    return result
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux ru_maxrss is KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def fresh_cache_dir() -> Path:
+    """An empty tlkit cache folder with only the converted weights linked in."""
+    from tlkit._io import cache_dir
+
+    folder = Path(tempfile.mkdtemp(prefix="tlkit-bench-cache-"))
+    weights = cache_dir() / "weights"
+    if weights.is_dir():
+        (folder / "weights").symlink_to(weights, target_is_directory=True)
+    return folder
+
+
+def ensure_weights(backbones) -> None:
+    """Converts the offline weights once, outside every timed contender."""
+    from tlkit.models import build_feature_extractor
+
+    for name in backbones:
+        build_feature_extractor(name)
+
+
+# ---------------------------------------------------------------------------
+# Contenders in subprocesses
+# ---------------------------------------------------------------------------
+
+
+def run_contender(script: str, name: str, params: dict, quick: bool, timeout: float = 3600) -> dict:
+    """Runs `script --child name` in a fresh process and returns its JSON result.
+
+    The child gets a fresh `$TLKIT_CACHE_DIR`. Its result carries
+    `peak_rss_mb` (the child's own peak) and `process_wall_s` (including the
+    import of TensorFlow, which the contender's own timings leave out).
+    """
+    cache = fresh_cache_dir()
+    with tempfile.TemporaryDirectory(prefix="tlkit-bench-") as folder:
+        result_file = Path(folder) / "result.json"
+        command = [
+            sys.executable, str(BENCH_DIR / script), "--child", name,
+            "--params", json.dumps(params), "--result-file", str(result_file),
+        ] + (["--quick"] if quick else [])
+        environment = {**os.environ, "TLKIT_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+        print(f"[{script}] {name} {json.dumps(params)}", flush=True)
+        started = time.perf_counter()
+        completed = subprocess.run(command, env=environment, timeout=timeout)
+        wall = time.perf_counter() - started
+        _remove_tree(cache)
+        if completed.returncode != 0 or not result_file.is_file():
+            return {"contender": name, "params": params, "error": f"exit code {completed.returncode}"}
+        result = json.loads(result_file.read_text())
+    result["process_wall_s"] = round(wall, 2)
+    return result
+
+
+def child_main(args: argparse.Namespace, contenders: dict[str, Callable]) -> None:
+    """The child side of `run_contender`: runs one contender, writes its result."""
+    from tlkit._io import write_json
+
+    params = json.loads(args.params or "{}")
+    result = contenders[args.child](params, args)
+    result = {"contender": args.child, "params": params, **result, "peak_rss_mb": peak_rss_mb()}
+    write_json(args.result_file, result)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+def dataset_facts(dataset) -> dict[str, Any]:
+    """Name, split sizes and `split.fingerprint()` of every split."""
+    return {
+        "name": dataset.name,
+        "sizes": {name: len(split) for name, split in dataset.splits.items()},
+        "fingerprints": {name: split.fingerprint() for name, split in dataset.splits.items()},
+    }
+
+
+def write_results(
+    name: str, args: argparse.Namespace, payload: dict, table: str, notes: str = ""
+) -> Path:
+    """Writes `<results>/<name>.json` and `<name>.md` atomically; returns the JSON path."""
+    from tlkit._io import write_json, write_text
+
+    record = {
+        "benchmark": name,
+        "quick": bool(args.quick),
+        "command": command_line(),
+        "seed": args.seed,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+        "versions": versions(),
+        **payload,
+    }
+    folder = Path(args.results)
+    write_json(folder / f"{name}.json", record)
+    header = (
+        f"# {name}\n\n"
+        f"Command: `{record['command']}`  \n"
+        f"Machine: {record['machine']['nproc']} CPU(s), {record['machine']['cpu_model']}, "
+        f"{record['machine']['memory_gb']} GB; load average at start "
+        f"{record['machine']['load_average_at_start']}  \n"
+        f"Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()
+                                  if k != "platform") + "  \n"
+        f"Seed: {args.seed}; quick: {bool(args.quick)}; finished {record['finished_at']}\n\n"
+    )
+    write_text(folder / f"{name}.md", header + table.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))
+    return folder / f"{name}.json"
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A markdown table from dict rows; `columns` are (key, header) pairs."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            value = row.get(key, "")
+            if isinstance(value, float):
+                value = f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+            cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def wait_for_quiet_machine(max_load: float = 1.5, max_wait_s: float = 0, poll_s: float = 15) -> list[float]:
+    """Waits (up to `max_wait_s`) until the 1-minute load average is below `max_load`."""
+    deadline = time.time() + max_wait_s
+    while os.getloadavg()[0] >= max_load and time.time() < deadline:
+        time.sleep(poll_s)
+    return [round(x, 2) for x in os.getloadavg()]

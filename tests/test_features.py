@@ -161,7 +161,7 @@ def test_split_at_block_rejects_bad_blocks(base, block):
 def test_build_upper_classifier_trains_only_non_batch_norm_layers():
     from tlkit.features import build_upper_classifier, split_at_block
 
-    base = tlkit.build_feature_extractor("mobilenet_v2", image_size=SIZE, weights=None)
+    base = tlkit.build_feature_extractor("mobilenet_v2", image_size=SIZE)
     lower, upper = split_at_block(base, "block17")
     head = tlkit.models.build_head(1280, 2)
     model = build_upper_classifier(upper, head, learning_rate=1e-3)

@@ -359,9 +359,10 @@ def build_upper_classifier(
     from tlkit.models import compile_classifier
 
     upper.trainable = True
+    # Set every layer itself: a model cut from the middle of another does not
+    # pass `trainable` on to the layers it shares.
     for layer in upper._flatten_layers(include_self=False):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
     inputs = keras.Input(shape=upper.input_shape[1:], name="activations")
     outputs = head(upper(inputs, training=False))
     model = keras.Model(inputs, outputs, name=f"{upper.name}_classifier")

@@ -257,3 +257,34 @@ def wait_for_quiet_machine(max_load: float = 1.5, max_wait_s: float = 0, poll_s:
     while os.getloadavg()[0] >= max_load and time.time() < deadline:
         time.sleep(poll_s)
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def load_dataset(name: str, quick: bool, per_class: int = 12, seed: int = 42):
+    """A named dataset; in quick mode `per_class` examples per class of every split."""
+    from tlkit import data
+
+    dataset = data.load(name, download=False, seed=seed)
+    if not quick:
+        return dataset
+    splits = {
+        split_name: split.sample_per_class(min(per_class, min(split.class_counts().values())), seed=seed)
+        for split_name, split in dataset.splits.items()
+    }
+    return data.ImageDataset(
+        dataset.name, dataset.class_names, splits["train"], splits.get("validation"),
+        splits.get("test"), info=dataset.info,
+    )
+
+
+class PhaseClock:
+    """Per-phase wall time, images/s and the process' peak RSS at the end of each phase."""
+
+    def __init__(self):
+        self.phases: dict[str, dict] = {}
+
+    def record(self, name: str, seconds: float, images: int | None = None, **extra) -> None:
+        entry = {"wall_s": round(seconds, 2), "peak_rss_mb_so_far": peak_rss_mb(), **extra}
+        if images:
+            entry["images"] = int(images)
+            entry["images_per_second"] = round(images / seconds, 1) if seconds > 0 else None
+        self.phases[name] = entry

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,12 +194,7 @@ def extract_features(
             with np.load(path, allow_pickle=False) as stored:
                 return FeatureSet(stored["features"], stored["labels"], views, path, True)
 
-    infer = tf.function(
-        lambda images: base(images, training=False),
-        reduce_retracing=True,
-        autograph=False,
-        jit_compile=bool(jit_compile),
-    )
+    infer = _forward_function(base, bool(jit_compile))
     steps = math.ceil(len(split) / batch_size) * views
     bar = _progress_bar(steps, f"features {base.name} {split.name}", progress)
     features, labels = [], []
@@ -417,6 +413,26 @@ def resolve_class_weight(
             f"class_weight values must be finite and non-negative. Received: class_weight={class_weight!r}"
         )
     return weights
+
+
+_FORWARD_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _forward_function(base: keras.Model, jit_compile: bool):
+    """One compiled inference function per base and XLA setting, reused across calls.
+
+    Building a new `tf.function` on every `extract_features` call retraces the
+    model each time (and TensorFlow warns about it).
+    """
+    functions = _FORWARD_FUNCTIONS.setdefault(base, {})
+    if jit_compile not in functions:
+        functions[jit_compile] = tf.function(
+            lambda images: base(images, training=False),
+            reduce_retracing=True,
+            autograph=False,  # Plain model call; AutoGraph only adds warnings here.
+            jit_compile=jit_compile,
+        )
+    return functions[jit_compile]
 
 
 def _augmentation_config(augmentation) -> object:

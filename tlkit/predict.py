@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import keras
@@ -25,7 +26,11 @@ def load_classifier(path: str | os.PathLike) -> keras.Model:
         raise FileNotFoundError(f"No model file at {path}. Pass the model.keras of a run. Received: model={path}")
     if path.suffix != ".keras":
         raise ValueError(f"Expected a .keras model file written by `tlkit train`. Received: model={path}")
-    return keras.models.load_model(path, safe_mode=True)
+    with warnings.catch_warnings():
+        # A model saved before its optimizer was built reloads fine, but Keras warns
+        # that it skipped the (empty) optimizer state.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        return keras.models.load_model(path, safe_mode=True)
 
 
 def predict_files(model: keras.Model, paths, top_k: int = 3):

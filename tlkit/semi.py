@@ -412,6 +412,8 @@ class FixMatchTrainer(keras.Model):
         return self.head(inputs, training=training)
 
     def train_step(self, data):
+        if isinstance(data, tuple):  # `train_on_batch(batch)` packs it as (batch,).
+            data = data[0]
         weak_probabilities = self.head(data["weak"], training=False)
         pseudo_labels, mask = fixmatch_targets(tf.stop_gradient(weak_probabilities), self.threshold)
         with tf.GradientTape() as tape:

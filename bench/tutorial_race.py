@@ -198,9 +198,7 @@ def plan(quick: bool) -> list[tuple[str, dict]]:
     if not quick:
         runs += [
             ("cached_features", {"backbone": "mobilenet_v2", "image_size": 160}),
-            ("cached_features", {"backbone": "mobilenet_v2", "image_size": 224}),
             ("cached_features", {"backbone": "efficientnet_lite0", "image_size": 224, "views": 2}),
-            ("cached_features", {"backbone": "efficientnet_lite0", "image_size": 192}),
         ]
     return runs
 

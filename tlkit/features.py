@@ -164,8 +164,10 @@ def extract_features(
         progress: Show a progress bar. Defaults to True.
         jit_compile: Compile the forward pass with XLA
             (`tf.function(jit_compile=True)`). The features equal the plain
-            pass' within float32 round-off, so the cache key ignores it; see
-            `bench/throughput.py` for when it pays off. Defaults to False.
+            pass' within float32 round-off, so the cache key ignores it. On
+            the 2-core CPU of `bench/throughput.py` XLA was many times slower
+            than the default (oneDNN) kernels; it is for accelerators.
+            Defaults to False.
 
     Returns:
         A `FeatureSet`.

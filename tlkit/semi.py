@@ -547,11 +547,10 @@ def fixmatch(
         .repeat()
         .batch(unlabelled_batch)
     )
-    data = tf.data.Dataset.zip(labelled_data, unlabelled_data).map(
-        lambda labelled_batch, unlabelled_batch_: {
-            "labelled": labelled_batch[0], "labels": labelled_batch[1], **unlabelled_batch_,
-        }
-    ).prefetch(tf.data.AUTOTUNE)
+    def merge(labelled_batch, pair_batch):
+        return {"labelled": labelled_batch[0], "labels": labelled_batch[1], **pair_batch}
+
+    data = tf.data.Dataset.zip(labelled_data, unlabelled_data).map(merge).prefetch(tf.data.AUTOTUNE)
 
     trainer = FixMatchTrainer(head, threshold=threshold, unlabelled_weight=unlabelled_weight)
     trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))

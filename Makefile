@@ -31,6 +31,9 @@ test: $(STAMP)
 		QUICK=1 $(BIN)/python -m pytest -q --nbval-lax notebooks; \
 	fi
 
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check tlkit tests
 	$(BIN)/ruff format --check tlkit tests

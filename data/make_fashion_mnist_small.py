@@ -23,19 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from tlkit._io import atomic_path
+from tlkit.data.catalog import FASHION_MNIST_CLASS_NAMES
 
-CLASS_NAMES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+CLASS_NAMES = FASHION_MNIST_CLASS_NAMES
 TRAIN_PER_CLASS = 100
 TEST_PER_CLASS = 50
 SEED = 0

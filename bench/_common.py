@@ -288,3 +288,17 @@ class PhaseClock:
             entry["images"] = int(images)
             entry["images_per_second"] = round(images / seconds, 1) if seconds > 0 else None
         self.phases[name] = entry
+
+
+def start(description: str, argv, contenders):
+    """Parses arguments and sets up; runs the child and returns None in a child process.
+
+    Returns:
+        The parsed arguments in the parent process, None after running a child.
+    """
+    args = parse_args(description, argv)
+    setup_environment()
+    if args.child:
+        child_main(args, contenders)
+        return None
+    return args

@@ -143,10 +143,8 @@ def plan(quick: bool) -> list[tuple[str, dict]]:
 
 
 def main(argv=None) -> int:
-    args = _common.parse_args(__doc__.splitlines()[0], argv)
-    _common.setup_environment()
-    if args.child:
-        _common.child_main(args, CONTENDERS)
+    args = _common.start(__doc__.splitlines()[0], argv, CONTENDERS)
+    if args is None:
         return 0
     _common.ensure_weights([BACKBONE])
     rows = [_common.run_contender(SCRIPT, name, params, args.quick) for name, params in plan(args.quick)]

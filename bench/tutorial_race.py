@@ -216,10 +216,8 @@ def describe(row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = _common.parse_args(__doc__.splitlines()[0], argv)
-    _common.setup_environment()
-    if args.child:
-        _common.child_main(args, CONTENDERS)
+    args = _common.start(__doc__.splitlines()[0], argv, CONTENDERS)
+    if args is None:
         return 0
     _common.ensure_weights(["mobilenet_v2", "efficientnet_lite0"])
     rows = [_common.run_contender(SCRIPT, name, params, args.quick) for name, params in plan(args.quick)]

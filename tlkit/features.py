@@ -196,7 +196,7 @@ def extract_features(
             with np.load(path, allow_pickle=False) as stored:
                 return FeatureSet(stored["features"], stored["labels"], views, path, True)
 
-    infer = _forward_function(base, bool(jit_compile))
+    infer = inference_function(base, bool(jit_compile))
     steps = math.ceil(len(split) / batch_size) * views
     bar = _progress_bar(steps, f"features {base.name} {split.name}", progress)
     features, labels = [], []
@@ -420,7 +420,7 @@ def resolve_class_weight(
 _FORWARD_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _forward_function(base: keras.Model, jit_compile: bool):
+def inference_function(base: keras.Model, jit_compile: bool):
     """One compiled inference function per base and XLA setting, reused across calls.
 
     Building a new `tf.function` on every `extract_features` call retraces the

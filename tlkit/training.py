@@ -398,11 +398,11 @@ def _load_state(checkpoints, config, fingerprints) -> dict:
 
 def predict_split(model: keras.Model, split, image_size: int, batch_size: int = 64):
     """Class probabilities and true labels for every readable image of a split."""
-    from tlkit.features import _forward_function
+    from tlkit.features import inference_function
 
     # A compiled forward pass (one per model) rather than predict_on_batch, which returns
     # one row per replica and image under a tf.distribute strategy.
-    forward = _forward_function(model, jit_compile=False)
+    forward = inference_function(model, jit_compile=False)
     probabilities, labels = [], []
     for images, targets in split.to_dataset(image_size, batch_size=batch_size):
         probabilities.append(forward(images).numpy())

@@ -118,15 +118,7 @@ def from_directory(
                 )
             remapped = [(p, class_names.index(names[label])) for p, label in files]
             splits[split_name] = _make_split(split_name, class_names, remapped, report, root, size)
-        return ImageDataset(
-            dataset_name,
-            class_names,
-            splits["train"],
-            splits.get("validation"),
-            splits.get("test"),
-            report=report,
-            info=info,
-        )
+        return _dataset(dataset_name, class_names, splits, report, info)
 
     class_names, files = _scan_classes(root, report, require_all=True)
     labels = np.array([label for _, label in files], dtype=np.int32)
@@ -143,14 +135,13 @@ def from_directory(
         if fraction > 0:
             chosen = [files[i] for i in indices]
             splits[split_name] = _make_split(split_name, class_names, chosen, report, root, size)
+    return _dataset(dataset_name, class_names, splits, report, info)
+
+
+def _dataset(name, class_names, splits, report, info) -> ImageDataset:
     return ImageDataset(
-        dataset_name,
-        class_names,
-        splits["train"],
-        splits.get("validation"),
-        splits.get("test"),
-        report=report,
-        info=info,
+        name, class_names, splits["train"], splits.get("validation"), splits.get("test"),
+        report=report, info=info,
     )
 
 

@@ -132,10 +132,13 @@ def test_feature_set_dataset_keeps_pairs_when_shuffled():
         np.testing.assert_array_equal(x.numpy()[:, 0], y.numpy())
 
 
-def test_jit_compiled_extraction_matches(base, split):
-    plain = extract_features(base, split, batch_size=4, cache=False, progress=False)
-    compiled = extract_features(base, split, batch_size=4, cache=False, progress=False, jit_compile=True)
-    np.testing.assert_allclose(compiled.features, plain.features, rtol=1e-4, atol=1e-4)
+def test_every_backend_gives_the_same_features(base, split):
+    plain = extract_features(base, split, batch_size=4, cache=False, progress=False, backend="keras")
+    for backend in ("xla", "litert", "auto"):
+        other = extract_features(base, split, batch_size=4, cache=False, progress=False, backend=backend)
+        np.testing.assert_allclose(other.features, plain.features, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        extract_features(base, split, cache=False, progress=False, backend="onnx")
 
 
 def test_split_at_block_recomposes_the_base(base, split, tmp_path):

@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<backbone>)")
     train.add_argument("--overwrite", action="store_true", help="replace the files of an existing run folder")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
+    train.add_argument("--backend", default="auto", choices=("auto", "keras", "xla", "litert"), help="what runs the frozen base for feature extraction; auto = LiteRT on a CPU (default: %(default)s)")
     train.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow ops: same seed, same metrics")
     train.add_argument("--strategy", default="none", choices=("none", "mirrored", "multi_worker", "tpu"), help="tf.distribute strategy; --batch-size is per replica (default: %(default)s)")
     train.add_argument("--compare-scratch", action="store_true", help="also train a small CNN from scratch for the same wall time")
@@ -136,7 +137,7 @@ def _train(arguments) -> int:
         backbone=arguments.backbone, image_size=arguments.image_size, epochs=arguments.epochs,
         fine_tune_epochs=arguments.fine_tune_epochs, fine_tune_blocks=arguments.fine_tune_blocks,
         views=arguments.views, augmentation=arguments.augmentation,
-        batch_size=arguments.batch_size, seed=arguments.seed,
+        batch_size=arguments.batch_size, seed=arguments.seed, backend=arguments.backend,
         deterministic=arguments.deterministic,
     )
     if arguments.out:

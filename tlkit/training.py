@@ -43,6 +43,10 @@ class TrainConfig:
         fine_tune_learning_rate: Learning rate after unfreezing.
         dropout_rate: Dropout before the classifier.
         seed: Seed for splits, shuffling, augmentation and initialisation.
+        backend: What runs the frozen base during feature extraction:
+            "auto", "keras", "xla" or "litert" (see
+            `tlkit.features.extract_features`); under a distribution
+            strategy "auto" means "keras".
         deterministic: Make TensorFlow ops deterministic
             (`tf.config.experimental.enable_op_determinism`): the same seed on
             the same machine gives the same metrics. On a CPU it costs little;
@@ -62,6 +66,7 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5
     dropout_rate: float = 0.2
     seed: int = 42
+    backend: str = "auto"
     deterministic: bool = False
 
     def __post_init__(self):
@@ -72,6 +77,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative integer. Received: {name}={value!r}")
         if not isinstance(self.views, int) or self.views < 1:
             raise ValueError(f"views must be at least 1. Received: views={self.views!r}")
+        from tlkit.features import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}. Received: backend={self.backend!r}")
         if self.epochs == 0 and self.fine_tune_epochs == 0:
             raise ValueError("Nothing to train: epochs and fine_tune_epochs are both 0.")
 
@@ -120,7 +129,10 @@ def train_run(
     2. Train the new head on those features.
     3. Optionally unfreeze the top blocks (BatchNorm frozen) and fine-tune on
        images with augmentation.
-    4. Evaluate on the test split (else validation) end to end on images.
+    4. Evaluate on the test split (else validation): without fine-tuning the
+       base is unchanged, so the head runs on the split's cached features
+       (the same numbers as the whole model on images, without a second pass
+       of the base); after fine-tuning, end to end on images.
 
     With a run folder, a checkpoint is written after the head phase and after
     every fine-tuning epoch (`out/checkpoints/`), each file atomically. Every
@@ -182,14 +194,16 @@ def train_run(
     timings["build_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    # LiteRT runs outside TensorFlow's devices, so a strategy keeps the Keras path.
+    backend = "keras" if strategy is not None and config.backend == "auto" else config.backend
     train_features = extract_features(
         base, dataset.train, image_size, views=config.views,
         augmentation=config.augmentation if config.views > 1 else None,
-        seed=config.seed, progress=progress,
+        seed=config.seed, progress=progress, backend=backend,
     )
     validation_split = dataset.validation
     validation_features = (
-        extract_features(base, validation_split, image_size, progress=progress)
+        extract_features(base, validation_split, image_size, progress=progress, backend=backend)
         if validation_split is not None else None
     )
     timings["feature_extraction_s"] = time.perf_counter() - clock
@@ -242,9 +256,19 @@ def train_run(
     evaluation_split = dataset.test if dataset.test is not None else validation_split
     metrics: dict = {}
     if evaluation_split is not None:
-        probabilities, labels = predict_split(model, evaluation_split, image_size, batch_size * 2)
+        if config.fine_tune_epochs:
+            probabilities, labels = predict_split(model, evaluation_split, image_size, batch_size * 2)
+        else:
+            evaluation_features = (
+                validation_features if evaluation_split is validation_split
+                else extract_features(base, evaluation_split, image_size, progress=progress,
+                                      backend=backend)
+            )
+            probabilities = head.predict(evaluation_features.features, batch_size=1024, verbose=0)
+            labels = evaluation_features.labels
         metrics = evaluation.classification_metrics(labels, probabilities, dataset.class_names)
         metrics["evaluated_on"] = evaluation_split.name
+        metrics["evaluated_from"] = "images" if config.fine_tune_epochs else "cached features"
     timings["evaluation_s"] = time.perf_counter() - clock
     timings["total_s"] = time.perf_counter() - started
 

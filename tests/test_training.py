@@ -1,0 +1,49 @@
+"""train_run's evaluation: from cached features without fine-tuning, equal to the whole model on images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tlkit
+from tlkit.data import ImageDataset, ImageSplit
+from tlkit.training import predict_split
+
+pytestmark = pytest.mark.usefixtures("tlkit_cache_dir")
+
+SIZE = 64
+
+
+def _split(name, count, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 3
+    # Three colour families with noise: learnable, but not every image is easy.
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])[labels]
+    images = np.clip(colours[:, None, None, :] + rng.normal(0, 70, (count, SIZE, SIZE, 3)), 0, 255)
+    return ImageSplit(name, ["red", "green", "blue"], labels, images=images.astype(np.uint8))
+
+
+@pytest.mark.slow
+def test_evaluation_from_cached_features_equals_the_model_on_images():
+    dataset = ImageDataset(
+        "colours", ["red", "green", "blue"],
+        _split("train", 18, 0), _split("validation", 9, 1), _split("test", 12, 2),
+    )
+    config = tlkit.TrainConfig(backbone="mobilenet_v2", image_size=SIZE, epochs=2, backend="keras")
+    result = tlkit.train_run(dataset, config, progress=False, log=lambda *_: None)
+    assert result.metrics["evaluated_on"] == "test"
+    assert result.metrics["evaluated_from"] == "cached features"
+
+    probabilities, labels = predict_split(result.model, dataset.test, SIZE)
+    np.testing.assert_array_equal(labels, dataset.test.labels)
+    expected = tlkit.evaluation.classification_metrics(labels, probabilities, dataset.class_names)
+    assert result.metrics["confusion_matrix"] == expected["confusion_matrix"]
+    assert result.metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    for key in ("log_loss", "roc_auc"):
+        if key in expected:
+            assert result.metrics[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tlkit.TrainConfig(backend="tensorrt")

@@ -1,0 +1,269 @@
+"""Frozen models on LiteRT: the fast CPU path for feature extraction.
+
+A frozen base computes a fixed function, so it can run on any inference
+engine that gives the same numbers. On a CPU, LiteRT (formerly TensorFlow
+Lite) with its XNNPACK kernels ran EfficientNet-Lite0 and MobileNetV2 about
+2.5x faster than Keras `predict` on the 2-core machine of
+`bench/throughput.py`, with features equal to Keras' within ~1e-5 relative.
+
+`LiteRTModel` converts a Keras model once (float32, no quantisation), checks
+the converted model against Keras on a fixed input, and keeps the result in
+the tlkit cache (`$TLKIT_CACHE_DIR/litert/`), keyed by the model's
+architecture, weight values and input size, so later runs skip conversion.
+A `.tflite` file is a flatbuffer of operators from LiteRT's built-in set: loading one
+runs no code from the file.
+
+Example:
+    >>> base = tlkit.build_feature_extractor("efficientnet_lite0", 224)
+    >>> fast = LiteRTModel(base)
+    >>> features = fast(images)  # numpy float32, equal to base.predict(images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tlkit._io import atomic_path, cache_dir, write_json
+
+_FORMAT_VERSION = 1
+# Max |LiteRT - Keras| / max |Keras| on the check input. Fused float32 kernels
+# differ from TensorFlow's in round-off only (measured ~2e-6 on both offline
+# backbones); a wrong conversion is off by orders of magnitude.
+TOLERANCE = 1e-4
+
+
+def available() -> bool:
+    """Whether a LiteRT interpreter can be imported (`ai-edge-litert` or `tf.lite`)."""
+    try:
+        _interpreter_class()
+    except ImportError:
+        return False
+    return True
+
+
+class LiteRTModel:
+    """A frozen Keras model converted to LiteRT, callable on numpy batches.
+
+    Args:
+        model: A Keras model with one image input and one output, used for
+            inference only (its weights are read once; later changes to the
+            Keras model are not seen: build a new `LiteRTModel`).
+        image_size: Square input size. Defaults to the model's input size;
+            required when the model takes any size.
+        cache: True for the default cache folder, a folder path, or False to
+            convert in memory every time. Defaults to True.
+        num_threads: CPU threads for XNNPACK. Defaults to the CPUs this
+            process may use.
+        batch_size: Images per `invoke`. XNNPACK parallelises inside each
+            image, so small batches lose nothing; 1 was fastest in
+            `bench/throughput.py`. Defaults to 1.
+
+    Raises:
+        ImportError: If no LiteRT interpreter is installed.
+        ValueError: On a model without a fixed input size and no
+            `image_size`, or if the converted model's outputs differ from
+            Keras' (then use the Keras path).
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        image_size: int | None = None,
+        cache: bool | str | os.PathLike = True,
+        num_threads: int | None = None,
+        batch_size: int = 1,
+    ):
+        shape = model.input_shape
+        if isinstance(shape, list) or len(shape) != 4:
+            raise ValueError(
+                "LiteRTModel takes a model with one image input of shape (batch, height, "
+                f"width, channels). Received: input_shape={shape}"
+            )
+        image_size = image_size or shape[1]
+        if not image_size:
+            raise ValueError(
+                "The model takes any image size; pass image_size=, e.g. LiteRTModel(base, "
+                f"image_size=224). Received: input_shape={shape}"
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
+        self.image_size = int(image_size)
+        self.channels = int(shape[-1])
+        self.batch_size = batch_size
+        self.num_threads = num_threads or len(os.sched_getaffinity(0))
+        self.path: Path | None = None
+        self.from_cache = False
+        self.check: dict = {}
+        content = None
+        if cache is not False:
+            self.path = cached_path(model, self.image_size, cache)
+            check_path = self.path.with_suffix(".json")
+            if self.path.is_file() and check_path.is_file():
+                content = self.path.read_bytes()
+                self.check = json.loads(check_path.read_text())
+                self.from_cache = True
+        if content is None:
+            content = convert(model, self.image_size)
+            self.check = self._verify(model, content)
+            if self.path is not None:
+                with atomic_path(self.path) as temporary:
+                    temporary.write_bytes(content)
+                write_json(self.path.with_suffix(".json"), self.check)
+        self._interpreter = self._load(content)
+
+    def __call__(self, images) -> np.ndarray:
+        """Runs the model on a batch of images.
+
+        Args:
+            images: Array-like (N, size, size, channels) in the model's input
+                range (tlkit bases: raw 0..255 pixels).
+
+        Returns:
+            float32 numpy array of the model's outputs, N rows.
+
+        Raises:
+            ValueError: On images of another size or channel count.
+        """
+        images = np.asarray(images, dtype=np.float32)
+        expected = (self.image_size, self.image_size, self.channels)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(
+                f"Expected images of shape (N, {', '.join(map(str, expected))}); resize them to "
+                f"{self.image_size} px first. Received: shape={images.shape}"
+            )
+        outputs = [self._invoke(images[start : start + self.batch_size])
+                   for start in range(0, len(images), self.batch_size)]
+        if not outputs:
+            output_shape = self._interpreter.get_output_details()[0]["shape"][1:]
+            return np.zeros((0, *output_shape), np.float32)
+        return np.concatenate(outputs)
+
+    def _invoke(self, chunk: np.ndarray) -> np.ndarray:
+        interpreter = self._interpreter
+        if len(chunk) != self._allocated:
+            interpreter.resize_tensor_input(self._input_index, [len(chunk), *chunk.shape[1:]])
+            interpreter.allocate_tensors()
+            self._allocated = len(chunk)
+        interpreter.set_tensor(self._input_index, np.ascontiguousarray(chunk))
+        interpreter.invoke()
+        return interpreter.get_tensor(self._output_index).copy()
+
+    def _load(self, content: bytes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice.
+            interpreter = _interpreter_class()(model_content=content, num_threads=self.num_threads)
+        self._input_index = interpreter.get_input_details()[0]["index"]
+        self._output_index = interpreter.get_output_details()[0]["index"]
+        self._allocated = 0
+        return interpreter
+
+    def _verify(self, model: keras.Model, content: bytes) -> dict:
+        """Compares the converted model with Keras on a fixed random input."""
+        self._interpreter = self._load(content)
+        probe = np.random.default_rng(0).uniform(
+            0, 255, (2, self.image_size, self.image_size, self.channels)
+        ).astype(np.float32)
+        expected = keras.ops.convert_to_numpy(model(probe, training=False))
+        received = self(probe)
+        scale = float(np.max(np.abs(expected))) or 1.0
+        difference = float(np.max(np.abs(received - expected))) / scale
+        if not np.isfinite(difference) or difference > TOLERANCE:
+            raise ValueError(
+                f"The LiteRT conversion of {model.name} does not match Keras (max relative "
+                f"difference {difference:.2e} > {TOLERANCE}); use backend='keras' for this "
+                "model."
+            )
+        return {"model": model.name, "image_size": self.image_size,
+                "max_relative_difference": difference, "tolerance": TOLERANCE}
+
+
+def cached_path(model: keras.Model, image_size: int, cache: bool | str | os.PathLike = True) -> Path:
+    """Where the conversion of `model` at `image_size` is (or would be) cached.
+
+    Args:
+        model: The Keras model.
+        image_size: Square input size.
+        cache: True for the default folder (`$TLKIT_CACHE_DIR/litert`) or a folder.
+
+    Returns:
+        The `.tflite` path; its check record is the same path with `.json`.
+    """
+    folder = Path(cache) if not isinstance(cache, bool) else cache_dir() / "litert"
+    return folder / f"{model.name}-{image_size}px-{_conversion_key(model, image_size)[:24]}.tflite"
+
+
+def convert(model: keras.Model, image_size: int) -> bytes:
+    """Converts a Keras model to a float32 LiteRT flatbuffer with a fixed image size.
+
+    Args:
+        model: The Keras model (inference mode is used).
+        image_size: Square input size of the converted model.
+
+    Returns:
+        The `.tflite` bytes (built-in operators only, dynamic batch).
+    """
+    import tensorflow as tf
+
+    channels = model.input_shape[-1]
+    inputs = keras.Input((image_size, image_size, channels), name="images")
+    wrapper = keras.Model(inputs, model(inputs, training=False), name=f"{model.name}_inference")
+    with _quiet():
+        converter = tf.lite.TFLiteConverter.from_keras_model(wrapper)
+        return converter.convert()
+
+
+def _conversion_key(model: keras.Model, image_size: int) -> str:
+    """sha256 over what defines the converted model: layers, weights, size, versions."""
+    import tensorflow as tf
+
+    from tlkit.features import preprocessing_modes, weights_fingerprint
+
+    layers = [(type(layer).__name__, layer.name) for layer in model._flatten_layers(include_self=False)]
+    parts = {
+        "format": _FORMAT_VERSION,
+        "tensorflow": tf.__version__,
+        "name": model.name,
+        "layers": layers,
+        "inputs": str(model.input_shape),
+        "outputs": str(model.output_shape),
+        "weights": weights_fingerprint(model),
+        "preprocessing": preprocessing_modes(model),
+        "image_size": int(image_size),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # tf.lite's copy is deprecated but still there in TF 2.21.
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    return Interpreter
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silences the converter: Keras prints the exported signature, absl logs INFO."""
+    loggers = [logging.getLogger(name) for name in ("absl", "tensorflow")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -197,3 +197,92 @@ def test_tiny_overfit_reaches_high_map(tmp_path):
     # The same answer from image files through the whole detector.
     from_files = detect.predict_boxes(detector, [e.image_path for e in examples])
     assert detect.mean_average_precision(from_files, examples)["mAP"] >= 0.9
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading a trained detector
+# ---------------------------------------------------------------------------
+
+
+def _tiny_square_examples(folder):
+    """Two 64x96 images, each with one coloured square."""
+    examples = []
+    for label, (colour, (x, y)) in enumerate([((230, 30, 30), (8, 10)), ((30, 30, 230), (50, 24))]):
+        image = np.full((64, 96, 3), 128, "uint8")
+        image[y : y + 28, x : x + 28] = colour
+        path = folder / f"tiny{label}.png"
+        Image.fromarray(image).save(path)
+        examples.append(
+            DetectionExample(
+                str(path), np.array([[x, y, x + 28, y + 28]], "float32"), np.array([label], "int32")
+            )
+        )
+    return examples
+
+
+def test_trained_detector_saves_and_loads_with_identical_boxes(tmp_path):
+    keras.utils.set_random_seed(0)
+    examples = _tiny_square_examples(tmp_path)
+    detector = detect.build_detector(
+        "mobilenet_v2", num_classes=2, image_size=(64, 96), weights=None, head_width=16,
+        head_depth=1, anchor_scale=3.0, class_names=["red", "blue"],
+    )
+    data = detect.prepare_detection_data(detector, examples)
+    head_before = [w.copy() for w in detector.get_layer("detection_head").get_weights()]
+    detect.train_detector(detector, data, epochs=3, learning_rate=1e-2, batch_size=2)
+    assert any(
+        not np.array_equal(before, after)
+        for before, after in zip(
+            head_before, detector.get_layer("detection_head").get_weights(), strict=True
+        )
+    )
+
+    path = tmp_path / "models" / "detector.keras"
+    detect.save_detector(detector, path)
+    assert [p.name for p in path.parent.iterdir()] == ["detector.keras"]  # no temporary left
+    loaded = detect.load_detector(path)
+
+    np.testing.assert_array_equal(loaded.anchors, detector.anchors)
+    assert loaded.class_names == ["red", "blue"]
+    assert loaded.pyramid_layers == detector.pyramid_layers
+    assert not loaded.get_layer("feature_pyramid").trainable
+    for before, after in zip(detector.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    images = np.stack([np.asarray(Image.open(e.image_path), "float32") for e in examples])
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded(images)), keras.ops.convert_to_numpy(detector(images))
+    )
+    for source in (data, [e.image_path for e in examples]):
+        original = detect.predict_boxes(detector, source, score_threshold=0.0)
+        reloaded = detect.predict_boxes(loaded, source, score_threshold=0.0)
+        for (boxes, scores, classes), (boxes2, scores2, classes2) in zip(
+            original, reloaded, strict=True
+        ):
+            assert len(scores) > 0
+            np.testing.assert_array_equal(boxes, boxes2)
+            np.testing.assert_array_equal(scores, scores2)
+            np.testing.assert_array_equal(classes, classes2)
+    # The loaded detector trains further on the same cached features.
+    detect.train_detector(loaded, data, epochs=1, batch_size=2)
+
+
+def test_load_detector_refuses_code_in_the_file(tmp_path):
+    inputs = keras.Input(shape=(4,))
+    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ValueError, match="safe_mode"):
+        detect.load_detector(path)
+
+
+def test_save_and_load_detector_errors(tiny_detector, tmp_path):
+    with pytest.raises(ValueError, match="Received: path="):
+        detect.save_detector(tiny_detector, tmp_path / "detector.h5")
+    plain = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="build_detector"):
+        detect.save_detector(plain, tmp_path / "plain.keras")
+    plain.save(tmp_path / "plain.keras")
+    with pytest.raises(ValueError, match="not a tlkit detector"):
+        detect.load_detector(tmp_path / "plain.keras")
+    with pytest.raises(FileNotFoundError, match="save_detector"):
+        detect.load_detector(tmp_path / "missing.keras")

@@ -23,6 +23,11 @@ needs OpenCV, which tlkit does not depend on.
 Boxes are always `[xmin, ymin, xmax, ymax]` in pixels ("xyxy"), like
 `tlkit.data.load_detection` returns them.
 
+A trained detector is saved with `save_detector` (one `.keras` file, written
+atomically) and read back with `load_detector`, which loads with
+`safe_mode=True`: nothing in the file is run as code. The anchors' settings
+and the class names travel inside the model, in its `DetectionOutput` layer.
+
 Example:
     >>> bccd = tlkit.data.load_detection("bccd")
     >>> detector = build_detector("mobilenet_v2", num_classes=3)
@@ -30,6 +35,8 @@ Example:
     >>> train_detector(detector, train, epochs=30)
     >>> predictions = predict_boxes(detector, prepare_detection_data(detector, bccd.test))
     >>> mean_average_precision(predictions, bccd.test, class_names=bccd.class_names)
+    >>> save_detector(detector, "bccd_detector.keras")
+    >>> detector = load_detector("bccd_detector.keras")
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import numpy as np
 import tensorflow as tf
 from keras.utils import bounding_boxes
 
+from tlkit._io import atomic_path
 from tlkit.backbones import build_backbone, get_backbone, list_backbones
 from tlkit.data.images import load_image
 
@@ -276,13 +284,162 @@ def build_detector(
 
     inputs = keras.Input(shape=(*image_size, 3), name="image")
     features = feature_pyramid(inputs, training=False)
-    outputs = head(features)
+    outputs = DetectionOutput(
+        class_names=list(class_names) if class_names else [str(i) for i in range(num_classes)],
+        strides=strides,
+        anchor_scale=anchor_scale,
+        scales=scales,
+        aspect_ratios=aspect_ratios,
+        pyramid_layers=names,
+    )(head(features))
     detector = keras.Model(inputs, outputs, name=f"{backbone}_detector")
-    detector.anchors = make_anchors(image_size, strides, anchor_scale, scales, aspect_ratios)
-    detector.class_names = (
-        list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    _attach_metadata(detector)
+    return detector
+
+
+@keras.saving.register_keras_serializable(package="tlkit")
+class DetectionOutput(keras.layers.Layer):
+    """The detector's last layer: passes the raw predictions through unchanged.
+
+    It records how to read them (the anchors' settings, the class names and
+    the base layers the pyramid taps), so a saved detector carries them and
+    `load_detector` can rebuild `detector.anchors` and
+    `detector.class_names`.
+
+    Args:
+        class_names: Names of the classes.
+        strides: Feature-map strides. Defaults to `(8, 16, 32)`.
+        anchor_scale: Anchor side in units of the stride. Defaults to 2.5.
+        scales: Anchor size multipliers per cell. Defaults to
+            `(1, 2**(1/3), 2**(2/3))`.
+        aspect_ratios: Anchor width / height ratios. Defaults to `(1.0,)`.
+        pyramid_layers: Names of the base layers at the pyramid's strides.
+            Defaults to None.
+    """
+
+    def __init__(
+        self,
+        class_names,
+        strides=(8, 16, 32),
+        anchor_scale=2.5,
+        scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
+        aspect_ratios=(1.0,),
+        pyramid_layers=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", "detections")
+        super().__init__(**kwargs)
+        self.class_names = [str(name) for name in class_names]
+        self.strides = tuple(int(stride) for stride in strides)
+        self.anchor_scale = float(anchor_scale)
+        self.scales = tuple(float(scale) for scale in scales)
+        self.aspect_ratios = tuple(float(ratio) for ratio in aspect_ratios)
+        self.pyramid_layers = list(pyramid_layers) if pyramid_layers is not None else None
+
+    def call(self, inputs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "class_names": list(self.class_names),
+            "strides": list(self.strides),
+            "anchor_scale": self.anchor_scale,
+            "scales": list(self.scales),
+            "aspect_ratios": list(self.aspect_ratios),
+            "pyramid_layers": self.pyramid_layers,
+        }
+
+
+def _attach_metadata(detector: keras.Model) -> None:
+    """Sets `anchors`, `class_names` and `pyramid_layers` from the `DetectionOutput` layer."""
+    output = next((layer for layer in detector.layers if isinstance(layer, DetectionOutput)), None)
+    if output is None:
+        raise ValueError(
+            "This model has no DetectionOutput layer, so it is not a tlkit detector; build one "
+            f"with tlkit.detect.build_detector. Received: model named {detector.name!r}"
+        )
+    image_size = tuple(int(v) for v in detector.input_shape[1:3])
+    detector.anchors = make_anchors(
+        image_size, output.strides, output.anchor_scale, output.scales, output.aspect_ratios
     )
-    detector.pyramid_layers = names
+    detector.class_names = list(output.class_names)
+    detector.pyramid_layers = output.pyramid_layers
+    if detector.output_shape[1] != len(detector.anchors):
+        raise ValueError(
+            f"The detector predicts for {detector.output_shape[1]} anchors but its settings give "
+            f"{len(detector.anchors)}; the file was not written by tlkit.detect.save_detector. "
+            f"Received: output_shape={detector.output_shape}"
+        )
+
+
+def save_detector(detector: keras.Model, path: str | os.PathLike) -> None:
+    """Saves a detector to one `.keras` file, atomically.
+
+    The file holds the architecture, every weight (frozen base included) and,
+    in the `DetectionOutput` layer, the anchors' settings and class names. It
+    is written beside `path` and renamed onto it, so a crash leaves either
+    the old file or the new one. The head's optimizer state is not kept:
+    `train_detector` compiles a fresh one.
+
+    Args:
+        detector: A model from `build_detector` (trained or not).
+        path: Destination ending in `.keras`.
+
+    Raises:
+        ValueError: If `path` does not end in `.keras` or `detector` is not a
+            tlkit detector.
+
+    Example:
+        >>> save_detector(detector, "bccd_detector.keras")
+    """
+    if not str(path).endswith(".keras"):
+        raise ValueError(
+            f"A detector is saved as one .keras file, e.g. 'detector.keras'. Received: path={str(path)!r}"
+        )
+    if not any(isinstance(layer, DetectionOutput) for layer in detector.layers):
+        raise ValueError(
+            "Only models from tlkit.detect.build_detector can be saved with save_detector. "
+            f"Received: model named {detector.name!r}"
+        )
+    with atomic_path(path) as temporary:
+        detector.save(temporary)
+
+
+def load_detector(path: str | os.PathLike) -> keras.Model:
+    """Loads a detector written by `save_detector`, without running code from the file.
+
+    Keras loads it with `safe_mode=True`: a file with a `Lambda` layer (whose
+    Python code would run on load) is refused, and only Keras layers and
+    tlkit's registered layers are rebuilt. `anchors`, `class_names` and
+    `pyramid_layers` are restored, so `predict_boxes` and `train_detector`
+    work as on the original.
+
+    Args:
+        path: A `.keras` file from `save_detector`.
+
+    Returns:
+        The detector (uncompiled).
+
+    Raises:
+        FileNotFoundError: If `path` does not exist.
+        ValueError: If the file holds code that would run on load, or a
+            model that is not a tlkit detector.
+
+    Example:
+        >>> detector = load_detector("bccd_detector.keras")
+        >>> predictions = predict_boxes(detector, ["blood_cells.jpg"])
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No detector file at {str(path)!r}; save one with tlkit.detect.save_detector. "
+            f"Received: path={str(path)!r}"
+        )
+    detector = keras.saving.load_model(path, compile=False, safe_mode=True)
+    _attach_metadata(detector)
     return detector
 
 
@@ -330,6 +487,7 @@ def _build_head(channels, num_classes, anchors_per_cell, width, depth) -> keras.
     return keras.Model(inputs, outputs, name="detection_head")
 
 
+@keras.saving.register_keras_serializable(package="tlkit")
 class DetectionLoss(keras.losses.Loss):
     """Focal loss on classes plus Huber loss on box offsets, per positive anchor.
 

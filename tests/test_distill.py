@@ -250,3 +250,65 @@ def test_good_teacher_helps_on_few_labels():
     accuracy_distilled = np.mean(student.predict(x_test, verbose=0).argmax(1) == y_test)
     assert accuracy_distilled > accuracy_alone + 0.2, (accuracy_alone, accuracy_distilled)
     assert accuracy_distilled > 0.9, accuracy_distilled
+
+
+# ---------------------------------------------------------------------------
+# Unlabelled examples (label -1): the soft term only
+# ---------------------------------------------------------------------------
+
+
+def test_unlabelled_examples_get_the_soft_term_only():
+    student = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], np.float32)
+    teacher = np.array([[3.0, 1.0, 0.0], [-1.0, 0.0, 2.5]], np.float32)
+    alpha, temperature = 0.3, 2.0
+    loss = float(distillation_loss(np.array([0, -1]), student, teacher, alpha, temperature))
+    labelled = _hand_loss([0], student[:1], teacher[:1], alpha, temperature)
+    soft_only = _hand_loss([0], student[1:], teacher[1:], 0.0, temperature) * (1 - alpha)
+    assert loss == pytest.approx((labelled + soft_only) / 2, rel=1e-5)
+    # With every label missing, alpha only scales the soft term.
+    unlabelled = float(distillation_loss(np.array([-1, -1]), student, teacher, 1.0, temperature))
+    assert unlabelled == 0.0
+
+
+def test_distiller_accuracy_counts_labelled_examples_only():
+    distiller = Distiller(_image_model("student", 0))
+    distiller.compile()
+    predictions = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    labels = np.array([0, -1, 1])  # Right, unlabelled, wrong.
+    metrics = distiller.compute_metrics(None, (labels, np.zeros((3, 3), np.float32)), predictions)
+    assert float(metrics["accuracy"]) == pytest.approx(0.5)
+
+
+def test_distillation_dataset_hides_labels_outside_labelled(image_split):
+    logits = np.zeros((len(image_split), NUM_CLASSES), np.float32)
+    mask = np.zeros(len(image_split), dtype=bool)
+    mask[[0, 5, 7]] = True
+    for labelled in (mask, np.array([7, 0, 5])):
+        dataset = distillation_dataset(image_split, logits, 8, batch_size=100, shuffle=False, labelled=labelled)
+        _, (labels, _) = next(iter(dataset))
+        expected = np.where(mask, image_split.labels, -1)
+        np.testing.assert_array_equal(labels.numpy(), expected)
+    with pytest.raises(ValueError, match=r"Received: labelled.shape=\(3,\)"):
+        distillation_dataset(image_split, logits, 8, labelled=np.ones(3, dtype=bool))
+    with pytest.raises(ValueError, match="Received: labelled in 0..24"):
+        distillation_dataset(image_split, logits, 8, labelled=[0, 24])
+
+
+def test_distiller_learns_from_unlabelled_examples(image_split):
+    """With one label, the soft targets on the other examples still move the student to the teacher."""
+    teacher = _image_model("teacher", 1, hidden=8)
+    logits = teacher_logits(teacher, image_split, 8, cache=False, progress=False)
+    student = _image_model("student", 2)
+    images = next(iter(image_split.to_dataset(8, batch_size=len(image_split), shuffle=False)))[0]
+    before = np.mean(student(images).numpy().argmax(1) == teacher(images).numpy().argmax(1))
+    distiller = Distiller(student)
+    distiller.compile(keras.optimizers.Adam(3e-2), alpha=0.1, temperature=2)
+    history = distiller.fit(
+        distillation_dataset(image_split, logits, 8, batch_size=8, seed=0, labelled=[0]),
+        epochs=30,
+        shuffle=False,
+        verbose=0,
+    )
+    after = np.mean(student(images).numpy().argmax(1) == teacher(images).numpy().argmax(1))
+    assert after > max(before, 0.8), (before, after)
+    assert np.isfinite(history.history["loss"]).all()

@@ -18,6 +18,14 @@ split once (`teacher_logits`, cached on disk) and trains the student on
 `(images, (labels, teacher_logits))` batches (`distillation_dataset`); a
 `Distiller` built with a teacher can also run it on every batch instead.
 
+Unlabelled images. The teacher's soft targets need no label, so the student
+can also learn from images nobody labelled (Hinton et al.'s "transfer set").
+Give those examples the label `-1` (`distillation_dataset(...,
+labelled=mask)` does it): they get only the soft term, and the training
+accuracy counts labelled examples only. This is where distillation helps most:
+with few labels, a student trained alone sees only the labelled images, while
+a distilled student learns from every image the teacher has seen.
+
 Logits from a softmax classifier. tlkit classifiers (and `build_scratch_cnn`)
 output probabilities, not logits. tlkit uses `log(p)` as the logits: with
 `p = softmax(z)`, `log(p) = z - logsumexp(z)` differs from the pre-softmax
@@ -93,9 +101,12 @@ def distillation_loss(
 
     `alpha * CE(labels, softmax(s)) + (1 - alpha) * T**2 * KL(softmax(t/T) || softmax(s/T))`,
     computed with `log_softmax`, so it is exact for any logits (no clipping).
+    An example labelled `-1` (unlabelled) gets only the soft term,
+    `(1 - alpha) * T**2 * KL(...)`; the mean is still over the whole batch.
 
     Args:
-        labels: Integer class labels, shape (batch,).
+        labels: Integer class labels, shape (batch,); `-1` marks an
+            unlabelled example.
         student_logits: Student logits, shape (batch, num_classes).
         teacher_logits: Teacher logits, shape (batch, num_classes).
         alpha: Weight of the hard-label term, in [0, 1]. Defaults to 0.1.
@@ -122,11 +133,12 @@ def distillation_loss(
 
 
 def _hard_loss(labels, logits):
-    """Per-example sparse categorical cross-entropy from logits."""
+    """Per-example sparse categorical cross-entropy from logits; 0 where the label is -1."""
     logits = keras.ops.convert_to_tensor(logits, "float32")
     labels = keras.ops.cast(keras.ops.reshape(labels, (-1,)), "int32")
-    one_hot = keras.ops.one_hot(labels, keras.ops.shape(logits)[-1])
-    return -keras.ops.sum(one_hot * keras.ops.log_softmax(logits, axis=-1), axis=-1)
+    labelled = keras.ops.cast(labels >= 0, "float32")
+    one_hot = keras.ops.one_hot(keras.ops.maximum(labels, 0), keras.ops.shape(logits)[-1])
+    return -labelled * keras.ops.sum(one_hot * keras.ops.log_softmax(logits, axis=-1), axis=-1)
 
 
 def _weighted_mean(values, sample_weight=None):
@@ -147,8 +159,10 @@ class Distiller(keras.Model):
     `fit` takes either `(images, (labels, teacher_logits))` batches (cached
     logits, see `teacher_logits` and `distillation_dataset`: the teacher never
     runs) or `(images, labels)` batches, for which the teacher runs on every
-    batch (`training=False`). `evaluate` and validation measure the student on
-    hard labels only: the reported `loss` there is the student's sparse
+    batch (`training=False`). Examples labelled `-1` are unlabelled: they
+    get only the soft loss and the training metrics skip them (see
+    `distillation_dataset(..., labelled=...)`). `evaluate` and validation
+    measure the student on hard labels only: the reported `loss` there is the student's sparse
     categorical cross-entropy, and the metrics (e.g. accuracy) see the labels.
 
     Only the student's weights change; the teacher is set non-trainable. The
@@ -267,7 +281,17 @@ class Distiller(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         labels, _ = _split_targets(y)
-        return super().compute_metrics(x, labels, y_pred, sample_weight=sample_weight)
+        # Unlabelled (-1) examples are left out (compile `metrics` ignore sample weights).
+        labels = tf.reshape(labels, (-1,))
+        labelled = labels >= 0
+        if sample_weight is not None:
+            sample_weight = tf.boolean_mask(tf.reshape(sample_weight, (-1,)), labelled)
+        return super().compute_metrics(
+            x,
+            tf.boolean_mask(labels, labelled),
+            tf.boolean_mask(y_pred, labelled),
+            sample_weight=sample_weight,
+        )
 
 
 def _split_targets(y):
@@ -379,12 +403,17 @@ def distillation_dataset(
     batch_size: int = 32,
     shuffle: bool = True,
     seed: int | None = None,
+    labelled=None,
 ):
     """A `tf.data.Dataset` of `(images, (labels, teacher_logits))` for `Distiller.fit`.
 
     Example `i` of the split is paired with row `i` of `logits`, so the student
     may see the images at another size than the teacher did. The order is
     shuffled before decoding, every epoch, as in `ImageSplit.to_dataset`.
+
+    With `labelled`, only those examples keep their label; the others get
+    `-1` and teach the student through the teacher's soft targets alone
+    (unlabelled images as a transfer set, see the module docstring).
 
     Args:
         split: The `tlkit.data.ImageSplit` the logits were computed on (or one
@@ -394,16 +423,25 @@ def distillation_dataset(
         batch_size: Batch size. Defaults to 32.
         shuffle: Whether to reshuffle every epoch. Defaults to True.
         seed: Shuffle seed. Defaults to None.
+        labelled: Which examples the student may see the label of: a
+            boolean mask of length `len(split)` or integer positions; None
+            keeps every label. Defaults to None.
 
     Returns:
         A batched, prefetched `tf.data.Dataset`: float32 images 0..255,
-        int32 labels (batch,), float32 logits (batch, num_classes).
+        int32 labels (batch,; `-1` for unlabelled examples), float32 logits
+        (batch, num_classes).
 
     Raises:
-        ValueError: If `logits` does not have one row per example.
+        ValueError: If `logits` does not have one row per example, or
+            `labelled` is a mask of the wrong length or holds positions out
+            of range.
 
     Example:
         >>> train = distillation_dataset(flowers.train, logits, image_size=112, seed=0)
+        >>> # 20 labels per class; the teacher's soft targets on all the photos.
+        >>> few = np.isin(flowers.train.paths, flowers.train.sample_per_class(20).paths)
+        >>> train = distillation_dataset(flowers.train, logits, 112, labelled=few)
     """
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim != 2 or len(logits) != len(split):
@@ -412,7 +450,10 @@ def distillation_dataset(
             "compute them with teacher_logits(teacher, split). "
             f"Received: logits.shape={logits.shape}"
         )
-    labels = tf.constant(split.labels, dtype=tf.int32)
+    labels = np.asarray(split.labels, dtype=np.int32)
+    if labelled is not None:
+        labels = np.where(_labelled_mask(labelled, len(split)), labels, -1).astype(np.int32)
+    labels = tf.constant(labels, dtype=tf.int32)
     table = tf.constant(logits)
     dataset = _indexed(split).to_dataset(image_size, batch_size=None, shuffle=shuffle, seed=seed)
     dataset = dataset.map(
@@ -420,6 +461,27 @@ def distillation_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     return dataset.batch(int(batch_size)).prefetch(tf.data.AUTOTUNE)
+
+
+def _labelled_mask(labelled, count: int) -> np.ndarray:
+    """A boolean mask of length `count` from a mask or integer positions."""
+    labelled = np.asarray(labelled)
+    if labelled.dtype == bool:
+        if labelled.shape != (count,):
+            raise ValueError(
+                f"A boolean `labelled` mask must have one entry per example ({count}). "
+                f"Received: labelled.shape={labelled.shape}"
+            )
+        return labelled
+    positions = labelled.astype(np.int64).reshape(-1)
+    if len(positions) and (positions.min() < 0 or positions.max() >= count):
+        raise ValueError(
+            f"`labelled` positions must be in 0..{count - 1}. "
+            f"Received: labelled in {positions.min()}..{positions.max()}"
+        )
+    mask = np.zeros(count, dtype=bool)
+    mask[positions] = True
+    return mask
 
 
 def _indexed(split):

@@ -5,15 +5,20 @@ images (decoded and resized once, outside the timing):
 
 - `keras_predict`: `base.predict(images, batch_size=64)`, the usual baseline;
 - `tlkit_extract`: `tlkit.features.extract_features` on an in-memory split
-  (the code path `train_run` uses), at batch 64 and at other batch sizes;
-- `tf_function`: a plain `tf.function` forward loop (what extract_features does);
-- `xla`: the same with `jit_compile=True` (extract_features' `jit_compile`);
-- `litert`: the base converted to LiteRT and run by XNNPACK with 2 threads.
+  (the code path `train_run` uses) with `backend="litert"` (what `"auto"`
+  picks on a CPU for 1000+ images; the one-off conversion is timed apart) and
+  `backend="keras"`, at batch 64 and other batch sizes;
+- `tf_function`: a plain `tf.function` forward loop (`backend="keras"`);
+- `xla`: the same with `jit_compile=True` (`backend="xla"`);
+- `litert`: `tlkit.litert.LiteRTModel` alone (XNNPACK, 2 threads) at several
+  batch sizes.
 
 Every contender runs in its own process, warms up on one batch, then times one
 pass over the images; features of the first images must equal Keras' within a
 stated tolerance. The ceiling is the model's FLOPs (per-layer formula) against
-this CPU's practical peak (a large float32 matmul in TensorFlow).
+this CPU's peak: measured (the faster of a large float32 matmul in TensorFlow
+and in numpy's OpenBLAS) and nominal (cores x clock x 32 float32 FLOP per cycle,
+two 256-bit FMA units).
 
 Then the scaling test: wall time and peak memory of `extract_features` on
 1k, 2k, 4k and 8k flower files (files repeated to reach 8k), each in its own
@@ -109,6 +114,7 @@ def contender(params: dict, args) -> dict:
     backbone, method = params["backbone"], params["method"]
     batch_size = params.get("batch_size", 64)
     base, size = _base(backbone)
+    conversion_s = None
     images = _images(params["count"], size)
     reference = base.predict(images[:32], batch_size=32, verbose=0)
 
@@ -119,10 +125,20 @@ def contender(params: dict, args) -> dict:
         from tlkit.data import ImageSplit
         from tlkit.features import extract_features
 
+        backend = params.get("backend", "keras")
+        conversion_s = None
+        if backend == "litert":  # Convert (and cache) once, outside the timing.
+            from tlkit.litert import LiteRTModel
+
+            clock = time.perf_counter()
+            LiteRTModel(base, size)
+            conversion_s = round(time.perf_counter() - clock, 2)
+
         def run(x):
             split = ImageSplit("bench", ["any"], np.zeros(len(x), np.int32), images=x)
             return extract_features(
                 base, split, size, batch_size=batch_size, cache=False, progress=False,
+                backend=backend,
             ).features
     elif method in ("tf_function", "xla"):
         forward = tf.function(lambda x: base(x, training=False), jit_compile=method == "xla")
@@ -133,39 +149,23 @@ def contender(params: dict, args) -> dict:
                 for i in range(0, len(x), batch_size)
             ])
     elif method == "litert":
-        import tempfile
+        from tlkit.litert import LiteRTModel
 
-        from ai_edge_litert.interpreter import Interpreter
-
-        # Through a SavedModel, as tlkit.export does (converting the concrete function
-        # directly gave all-NaN features with TF 2.21).
-        folder = tempfile.mkdtemp(prefix="tlkit-bench-litert-")
-        base.export(folder, format="tf_saved_model", verbose=False)
-        model_bytes = tf.lite.TFLiteConverter.from_saved_model(folder).convert()
-        interpreter = Interpreter(model_content=model_bytes, num_threads=params.get("threads", 2))
-        input_index = interpreter.get_input_details()[0]["index"]
-        interpreter.resize_tensor_input(input_index, [batch_size, size, size, 3])
-        interpreter.allocate_tensors()
-        output_index = interpreter.get_output_details()[0]["index"]
+        clock = time.perf_counter()
+        model = LiteRTModel(base, size, cache=False, batch_size=batch_size,
+                            num_threads=params.get("threads", 2))
+        conversion_s = round(time.perf_counter() - clock, 2)
 
         def run(x):
-            outputs = []
-            for i in range(0, len(x), batch_size):
-                chunk = x[i : i + batch_size].astype(np.float32)
-                count = len(chunk)
-                if count < batch_size:  # The converted graph has a fixed batch.
-                    chunk = np.concatenate([chunk, np.zeros((batch_size - count, *chunk.shape[1:]), np.float32)])
-                interpreter.set_tensor(input_index, chunk)
-                interpreter.invoke()
-                outputs.append(interpreter.get_tensor(output_index)[:count].copy())
-            return np.concatenate(outputs)
+            return model(x)
     else:
         raise ValueError(f"Unknown method. Received: method={method!r}")
 
     timing = _timed(run, images, batch_size)
     features = timing.pop("features")
+    extra = {"conversion_s": conversion_s} if method in ("litert", "tlkit_extract") else {}
     return {**timing, **_compare(features[:32], reference), "image_size": size,
-            "count": len(images)}
+            "count": len(images), **extra}
 
 
 def scaling(params: dict, args) -> dict:
@@ -199,18 +199,34 @@ def ceiling(params: dict, args) -> dict:
     a = tf.random.normal([size, size])
     b = tf.random.normal([size, size])
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
-    matmul()
-    times = []
-    for _ in range(5):
-        clock = time.perf_counter()
-        matmul().numpy()
-        times.append(time.perf_counter() - clock)
-    gflops = 2 * size**3 / statistics.median(times) / 1e9
+    a_numpy, b_numpy = a.numpy(), b.numpy()
+    measured = {}
+    for name, function in (("tensorflow", lambda: matmul().numpy()), ("numpy", lambda: a_numpy @ b_numpy)):
+        function()
+        times = []
+        for _ in range(5):
+            clock = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - clock)
+        measured[name] = round(2 * size**3 / statistics.median(times) / 1e9, 1)
+    gflops = max(measured.values())
     models = {}
     for backbone in params["backbones"]:
         base, image_size = _base(backbone)
         models[backbone] = {"image_size": image_size, "gflops_per_image": model_flops(base) / 1e9}
-    return {"matmul_size": size, "matmul_gflops": round(gflops, 1), "models": models}
+    return {"matmul_size": size, "matmul_gflops": round(gflops, 1), "matmul_gflops_by_library": measured,
+            "nominal_gflops": nominal_gflops(), "models": models}
+
+
+def nominal_gflops() -> float | None:
+    """Cores x nominal clock x 32 float32 FLOP/cycle (two 256-bit FMA units per core)."""
+    try:
+        megahertz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("cpu MHz")]
+    except OSError:
+        return None
+    cores = len(os.sched_getaffinity(0))
+    return round(cores * max(megahertz) / 1000 * 32, 1) if megahertz else None
 
 
 def model_flops(model) -> float:
@@ -241,21 +257,22 @@ CONTENDERS = {"contender": contender, "scaling": scaling, "ceiling": ceiling}
 
 
 def plan(quick: bool) -> tuple[list[dict], list[dict]]:
-    count = 32 if quick else 384
+    count = 32 if quick else 512
     backbones = BACKBONES[:1] if quick else BACKBONES
     methods = [
         {"method": "keras_predict"},
-        {"method": "tlkit_extract"},
-        {"method": "litert", "batch_size": 16},
+        {"method": "tlkit_extract", "backend": "litert"},
+        {"method": "tlkit_extract", "backend": "keras"},
+        {"method": "litert", "batch_size": 1},
     ]
     if not quick:
         methods += [
             {"method": "tf_function"},
             {"method": "xla"},
-            {"method": "tlkit_extract", "batch_size": 32},
-            {"method": "tlkit_extract", "batch_size": 128},
+            {"method": "tlkit_extract", "backend": "keras", "batch_size": 32},
+            {"method": "tlkit_extract", "backend": "keras", "batch_size": 128},
             {"method": "tf_function", "intra_threads": 2, "inter_threads": 1},
-            {"method": "litert", "batch_size": 1},
+            {"method": "litert", "batch_size": 8},
             {"method": "litert", "batch_size": 64},
         ]
     runs = [{"backbone": b, "count": count, **m} for b in backbones for m in methods]
@@ -267,12 +284,14 @@ def plan(quick: bool) -> tuple[list[dict], list[dict]]:
 def label(row: dict) -> str:
     params = row["params"]
     text = params["method"]
+    if params.get("backend"):
+        text += f" backend={params['backend']}"
     if text == "xla":
         text += " (tf.function jit_compile=True)"
     extras = [f"batch {params.get('batch_size', 64)}"]
     if params.get("intra_threads"):
         extras.append(f"intra {params['intra_threads']} / inter {params.get('inter_threads', 1)}")
-    if params["method"] == "litert":
+    if params["method"] == "litert" or params.get("backend") == "litert":
         extras.append("2 threads")
     return f"{text}, {', '.join(extras)}"
 
@@ -295,7 +314,8 @@ def main(argv=None) -> int:
         if not group or keras_row is None:
             continue
         model = peak.get("models", {}).get(backbone, {})
-        ceiling_ips = peak.get("matmul_gflops", 0) / model["gflops_per_image"] if model else None
+        peak_gflops = max(peak.get("matmul_gflops") or 0, peak.get("nominal_gflops") or 0)
+        ceiling_ips = peak_gflops / model["gflops_per_image"] if model else None
         for row in group:
             row["speedup_vs_keras_predict"] = round(row["images_per_second"] / keras_row["images_per_second"], 2)
             if ceiling_ips:
@@ -305,21 +325,24 @@ def main(argv=None) -> int:
                 "ips": row["images_per_second"], "speedup": row["speedup_vs_keras_predict"],
                 "ceiling": row.get("fraction_of_ceiling", ""),
                 "diff": f"{row['relative_difference']:.1e}", "equal": row["features_equal"],
-                "rss": row["peak_rss_mb"],
+                "rss": row["peak_rss_mb"], "conversion": row.get("conversion_s") or "",
             })
     table = _common.markdown_table(table_rows, [
         ("backbone", "backbone"), ("path", "path"), ("ips", "images/s"),
         ("speedup", "x Keras predict"), ("ceiling", "of FLOP ceiling"),
         ("diff", "max rel. feature diff"), ("equal", f"equal (tol {FEATURE_TOLERANCE})"),
-        ("rss", "peak RSS MiB"),
+        ("rss", "peak RSS MiB"), ("conversion", "LiteRT conversion s (once, untimed)"),
     ])
-    ceiling_lines = [f"Practical peak: float32 matmul {peak.get('matmul_size')}^2 in TensorFlow "
-                     f"= {peak.get('matmul_gflops')} GFLOP/s."]
+    peak_gflops = max(peak.get("matmul_gflops") or 0, peak.get("nominal_gflops") or 0)
+    ceiling_lines = [
+        f"Peak: float32 matmul {peak.get('matmul_size')}^2 measured "
+        f"{peak.get('matmul_gflops_by_library')} GFLOP/s; nominal {peak.get('nominal_gflops')} "
+        f"GFLOP/s (cores x clock x 32 FLOP/cycle). The ceiling uses the larger, {peak_gflops} GFLOP/s."]
     for backbone, model in peak.get("models", {}).items():
         ceiling_lines.append(
             f"- {backbone} @{model['image_size']}: {model['gflops_per_image']:.3f} GFLOP/image "
             f"(2 x multiply-adds of conv/dense layers) -> ceiling "
-            f"{peak['matmul_gflops'] / model['gflops_per_image']:.0f} images/s.")
+            f"{peak_gflops / model['gflops_per_image']:.0f} images/s.")
     scaling_table = _common.markdown_table(
         [{"images": r["params"]["count"], "seconds": r.get("seconds"),
           "ips": r.get("images_per_second"), "rss": r.get("peak_rss_mb")} for r in scaling_rows],
@@ -330,7 +353,7 @@ def main(argv=None) -> int:
         "\n\nEach row is its own process; timings are one pass over the same in-memory images "
         "after a one-batch warm-up (decode/resize excluded; `tlkit_extract` builds an in-memory "
         "split, so its tf.data pipeline is included). Compare ratios within this run only.\n\n"
-        f"## Scaling: extract_features from files, {SCALING_BACKBONE} @{SCALING_SIZE}, cache off\n\n"
+        f"## Scaling: extract_features from files (backend auto: LiteRT from 1000 images), {SCALING_BACKBONE} @{SCALING_SIZE}, feature cache off\n\n"
         + scaling_table
     )
     payload = {

@@ -8,7 +8,17 @@ import pytest
 import tensorflow as tf
 
 import tlkit
-from tlkit.models import block_names, build_head, find_base, fine_tune, get_class_names, unfreeze
+from tlkit.data import ImageSplit
+from tlkit.features import split_at_block
+from tlkit.models import (
+    block_names,
+    build_head,
+    find_base,
+    fine_tune,
+    fine_tune_cached,
+    get_class_names,
+    unfreeze,
+)
 
 pytestmark = pytest.mark.usefixtures("tlkit_cache_dir")
 
@@ -164,6 +174,91 @@ def test_fine_tune_moves_only_unfrozen_kernels_and_never_batch_norm():
     assert not np.array_equal(base.get_layer("head_conv").kernel.numpy(), unfrozen_before)
     np.testing.assert_array_equal(base.get_layer("block16_project_conv").kernel.numpy(), frozen_before)
     assert float(keras.ops.convert_to_numpy(classifier.optimizer.learning_rate)) == pytest.approx(1e-2)
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning the top blocks on cached activations.
+# ---------------------------------------------------------------------------
+
+
+def _image_split(count=6, seed=0):
+    images = np.random.default_rng(seed).integers(0, 256, (count, SIZE, SIZE, 3), dtype=np.uint8)
+    return ImageSplit("train", CLASS_NAMES, np.arange(count) % 3, images=images)
+
+
+def _random_base():
+    keras.utils.set_random_seed(0)
+    return tlkit.build_feature_extractor("mobilenet_v2", SIZE, weights=None)
+
+
+@pytest.mark.slow
+def test_fine_tune_cached_trains_the_top_blocks_and_assembles_the_classifier(tmp_path):
+    base, head, split = _random_base(), build_head(1280, 3), _image_split()
+    norms_before = _bn_values(base)
+    top_before = base.get_layer("block17_project_conv").kernel.numpy().copy()
+    head_conv_before = base.get_layer("head_conv").kernel.numpy().copy()
+    below_before = base.get_layer("block16_project_conv").kernel.numpy().copy()
+    dense_before = head.get_layer("predictions").kernel.numpy().copy()
+
+    model, history = fine_tune_cached(
+        base, head, split, validation_split=split, views=2, epochs=2, learning_rate=1e-2,
+        cache=tmp_path, progress=False,
+    )
+
+    assert len(history["loss"]) == 2 and len(history["val_accuracy"]) == 2
+    # The top two blocks (the default) and the head moved; the block below and BatchNorm did not.
+    assert not np.array_equal(base.get_layer("block17_project_conv").kernel.numpy(), top_before)
+    assert not np.array_equal(base.get_layer("head_conv").kernel.numpy(), head_conv_before)
+    assert not np.array_equal(head.get_layer("predictions").kernel.numpy(), dense_before)
+    np.testing.assert_array_equal(base.get_layer("block16_project_conv").kernel.numpy(), below_before)
+    norms_after = _bn_values(base)
+    assert norms_after.keys() == norms_before.keys()
+    for key, value in norms_before.items():  # gamma, beta, moving mean and variance.
+        np.testing.assert_array_equal(norms_after[key], value, err_msg=key)
+
+    # The classifier takes raw images and computes head(upper(lower(x))) with the tuned weights.
+    assert find_base(model) is base and model.get_layer("head") is head
+    assert get_class_names(model) == CLASS_NAMES
+    lower, upper = split_at_block(base, "block17")
+    images = split.images.astype("float32")
+    expected = head(upper(lower(images, training=False), training=False), training=False)
+    np.testing.assert_allclose(
+        model.predict(images, verbose=0), keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-6
+    )
+    assert base.trainable_weights == []  # Frozen again in the returned classifier.
+
+    # A fresh base on a subset reuses the cached activations of the whole split.
+    cached = sorted(tmp_path.iterdir())
+    assert len(cached) == 2  # Train (2 views) and validation.
+    _, history = fine_tune_cached(
+        _random_base(), build_head(1280, 3), split, indices=[0, 1, 2], views=2, epochs=1,
+        cache=tmp_path, progress=False,
+    )
+    assert sorted(tmp_path.iterdir()) == cached and len(history["loss"]) == 1
+
+
+@pytest.fixture(scope="module")
+def random_base():
+    """A base for argument checks, which fail before anything trains."""
+    return _random_base()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"head": (1024, 3)}, "Received: head.input_shape"),
+        ({"head": (1280, 4)}, "Received: head.output_shape"),
+        ({"views": 0}, "Received: views=0"),
+        ({"epochs": 2.5}, "Received: epochs=2.5"),
+        ({"block": "stem"}, "Received: block='stem'"),
+        ({"indices": [99]}, "indices in 99..99"),
+    ],
+)
+def test_fine_tune_cached_rejects_bad_arguments(random_base, tmp_path, arguments, message):
+    arguments = {"head": (1280, 3), "views": 1, "epochs": 1, **arguments}
+    arguments["head"] = build_head(*arguments["head"])
+    with pytest.raises(ValueError, match=message):
+        fine_tune_cached(random_base, train_split=_image_split(), cache=tmp_path, progress=False, **arguments)
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ def build_scratch_cnn(
     image_size: int = 96,
     seed: int = 0,
     filters: Sequence[int] = (32, 64, 128, 256),
+    batch_norm_momentum: float = 0.99,
 ) -> keras.Model:
     """A small VGG-style CNN with no pretrained weights, compiled.
 
@@ -47,12 +48,19 @@ def build_scratch_cnn(
             all makes the model about 4x smaller (e.g. `(16, 32, 64, 128)`,
             about 99k parameters for 5 classes, as a distillation student).
             Defaults to `(32, 64, 128, 256)`.
+        batch_norm_momentum: Momentum of the BatchNorm moving statistics,
+            which `predict` uses. With Keras' 0.99 they need several hundred
+            steps to catch up with the training statistics; a short run
+            (a few hundred steps, as on a CPU with few labels) then predicts
+            nearly one class for every image. 0.9 catches up within tens of
+            steps. Defaults to 0.99 (the Keras default).
 
     Returns:
         A compiled `keras.Model` taking raw 0..255 RGB images of any size.
 
     Raises:
-        ValueError: If `filters` is empty or holds a non-positive int.
+        ValueError: If `filters` is empty or holds a non-positive int, or
+            `batch_norm_momentum` is not in [0, 1).
     """
     filters = tuple(filters)
     if not filters or any(
@@ -62,13 +70,20 @@ def build_scratch_cnn(
             f"filters must be a non-empty sequence of positive ints, e.g. (16, 32, 64, 128). "
             f"Received: filters={filters!r}"
         )
+    if isinstance(batch_norm_momentum, bool) or not isinstance(batch_norm_momentum, (int, float)) or not (
+        0.0 <= batch_norm_momentum < 1.0
+    ):
+        raise ValueError(
+            "batch_norm_momentum must be a number in [0, 1), e.g. 0.9 for a short run. "
+            f"Received: batch_norm_momentum={batch_norm_momentum!r}"
+        )
     inputs = keras.Input(shape=(None, None, 3), name="image")
     x = keras.layers.Resizing(image_size, image_size, name="resize")(inputs)
     x = keras.layers.RandomFlip("horizontal", seed=seed)(x)
     x = keras.layers.Rescaling(1.0 / 255)(x)
     for width in filters:
         x = keras.layers.Conv2D(int(width), 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.BatchNormalization(momentum=batch_norm_momentum)(x)
         x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)

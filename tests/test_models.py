@@ -237,6 +237,19 @@ def test_fine_tune_cached_trains_the_top_blocks_and_assembles_the_classifier(tmp
     assert sorted(tmp_path.iterdir()) == cached and len(history["loss"]) == 1
 
 
+@pytest.mark.slow
+def test_fine_tune_cached_passes_class_weights_to_training(tmp_path):
+    base, head, split = _random_base(), build_head(1280, 3), _image_split()
+    top_before = base.get_layer("block17_project_conv").kernel.numpy().copy()
+    # Every class weighted 0: no loss, no gradient, nothing moves.
+    _, history = fine_tune_cached(
+        base, head, split, views=1, epochs=1, learning_rate=1e-2, cache=tmp_path, progress=False,
+        class_weight={0: 0.0, 1: 0.0, 2: 0.0},
+    )
+    assert history["loss"] == [0.0]
+    np.testing.assert_array_equal(base.get_layer("block17_project_conv").kernel.numpy(), top_before)
+
+
 @pytest.fixture(scope="module")
 def random_base():
     """A base for argument checks, which fail before anything trains."""
@@ -252,6 +265,7 @@ def random_base():
         ({"epochs": 2.5}, "Received: epochs=2.5"),
         ({"block": "stem"}, "Received: block='stem'"),
         ({"indices": [99]}, "indices in 99..99"),
+        ({"class_weight": "inverse"}, "class_weight must be None, 'balanced'"),
     ],
 )
 def test_fine_tune_cached_rejects_bad_arguments(random_base, tmp_path, arguments, message):

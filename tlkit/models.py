@@ -368,6 +368,7 @@ def fine_tune_cached(
     progress: bool = True,
     callbacks=None,
     verbose: int | str = 0,
+    class_weight: dict[int, float] | str | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Fine-tunes the top blocks of a base on cached lower-block activations.
 
@@ -418,6 +419,8 @@ def fine_tune_cached(
         progress: Show a progress bar while extracting. Defaults to True.
         callbacks: Keras callbacks. Defaults to None.
         verbose: Keras verbosity. Defaults to 0.
+        class_weight: None, `"balanced"` or a dict `class index -> weight`,
+            as in `tlkit.features.train_head`. Defaults to None.
 
     Returns:
         `(classifier, history)`: the full classifier from raw 0..255 images
@@ -429,7 +432,7 @@ def fine_tune_cached(
         ValueError: If `head` does not fit the base's features or the
             split's classes, on an unknown `block`, a base without a fixed
             input size, non-positive `views` or `epochs`, or `indices` out
-            of range.
+            of range, or a bad `class_weight`.
 
     Example:
         >>> base = build_feature_extractor("mobilenet_v2", 160)
@@ -437,7 +440,12 @@ def fine_tune_cached(
         >>> train_head(head, extract_features(base, flowers.train))
         >>> model, history = fine_tune_cached(base, head, flowers.train, epochs=5)
     """
-    from tlkit.features import build_upper_classifier, extract_features, split_at_block
+    from tlkit.features import (
+        build_upper_classifier,
+        extract_features,
+        resolve_class_weight,
+        split_at_block,
+    )
     from tlkit.semi import select_images
 
     if head.input_shape[-1] != base.output_shape[-1]:
@@ -475,6 +483,7 @@ def fine_tune_cached(
     if validation_split is not None:
         validation = activations(validation_split, 1).to_dataset(batch_size * 4)
 
+    class_weight = resolve_class_weight(class_weight, train.labels, num_classes)
     model = build_upper_classifier(upper, head, learning_rate=learning_rate)
     history = model.fit(
         train.to_dataset(batch_size, shuffle=True, seed=seed),
@@ -483,6 +492,7 @@ def fine_tune_cached(
         callbacks=callbacks,
         verbose=verbose,
         shuffle=False,  # The dataset shuffles itself.
+        class_weight=class_weight,
     )
     classifier = build_classifier(
         base.name, num_classes, image_size, base=base, head=head,

@@ -193,7 +193,6 @@ CONTENDERS = {"tutorial": tutorial, "tlkit_default": tlkit_default, "cached_feat
 
 def plan(quick: bool) -> list[tuple[str, dict]]:
     runs = [
-        ("tutorial", {}),
         ("tlkit_default", {}),
         ("tlkit_default", {"config": {"backend": "keras"}}),
     ]
@@ -202,7 +201,8 @@ def plan(quick: bool) -> list[tuple[str, dict]]:
             ("cached_features", {"backbone": "mobilenet_v2", "image_size": 160}),
             ("cached_features", {"backbone": "efficientnet_lite0", "image_size": 224, "views": 2}),
         ]
-    return runs
+    # The tutorial last: it runs longest, and the short contenders get the quieter machine.
+    return runs + [("tutorial", {})]
 
 
 def describe(row: dict) -> str:

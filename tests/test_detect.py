@@ -160,18 +160,20 @@ def test_draw_boxes_returns_a_figure():
 # ---------------------------------------------------------------------------
 
 
-def _square_images(folder):
-    colours = [(230, 30, 30), (30, 200, 30), (30, 30, 230)]
-    corners = [(10, 20), (60, 50), (30, 70)]
+def _square_images(folder, shape=(128, 128), side=40, placements=None, prefix="square"):
+    """One image per placement (colour, (x, y)) with one coloured square on grey."""
+    placements = placements or [
+        ((230, 30, 30), (10, 20)), ((30, 200, 30), (60, 50)), ((30, 30, 230), (30, 70)),
+    ]
     examples = []
-    for label, (colour, (x, y)) in enumerate(zip(colours, corners, strict=True)):
-        image = np.full((128, 128, 3), 128, "uint8")
-        image[y : y + 40, x : x + 40] = colour
-        path = folder / f"square{label}.png"
+    for label, (colour, (x, y)) in enumerate(placements):
+        image = np.full((*shape, 3), 128, "uint8")
+        image[y : y + side, x : x + side] = colour
+        path = folder / f"{prefix}{label}.png"
         Image.fromarray(image).save(path)
         examples.append(
             DetectionExample(
-                str(path), np.array([[x, y, x + 40, y + 40]], "float32"), np.array([label], "int32")
+                str(path), np.array([[x, y, x + side, y + side]], "float32"), np.array([label], "int32")
             )
         )
     return examples
@@ -206,18 +208,9 @@ def test_tiny_overfit_reaches_high_map(tmp_path):
 
 def _tiny_square_examples(folder):
     """Two 64x96 images, each with one coloured square."""
-    examples = []
-    for label, (colour, (x, y)) in enumerate([((230, 30, 30), (8, 10)), ((30, 30, 230), (50, 24))]):
-        image = np.full((64, 96, 3), 128, "uint8")
-        image[y : y + 28, x : x + 28] = colour
-        path = folder / f"tiny{label}.png"
-        Image.fromarray(image).save(path)
-        examples.append(
-            DetectionExample(
-                str(path), np.array([[x, y, x + 28, y + 28]], "float32"), np.array([label], "int32")
-            )
-        )
-    return examples
+    return _square_images(
+        folder, (64, 96), 28, [((230, 30, 30), (8, 10)), ((30, 30, 230), (50, 24))], prefix="tiny"
+    )
 
 
 def test_trained_detector_saves_and_loads_with_identical_boxes(tmp_path):

@@ -276,11 +276,44 @@ def train_head(
     """
     from tlkit.models import compile_classifier
 
-    num_classes = int(head.output_shape[-1])
-    class_weight = resolve_class_weight(class_weight, train_features.labels, num_classes)
     compile_classifier(head, learning_rate=learning_rate)
+    return fit_on_features(
+        head, train_features, validation_features, epochs, batch_size, seed, callbacks, verbose,
+        class_weight,
+    )
+
+
+def fit_on_features(
+    model: keras.Model,
+    train_features: FeatureSet,
+    validation_features: FeatureSet | None = None,
+    epochs: int = 20,
+    batch_size: int = 64,
+    seed: int = 0,
+    callbacks=None,
+    verbose: int | str = 0,
+    class_weight: dict[int, float] | str | None = None,
+) -> dict[str, list[float]]:
+    """Fits a compiled model on cached features or activations, shuffled by `seed`.
+
+    Args:
+        model: A compiled model taking the rows of `train_features`.
+        train_features: Training rows and labels.
+        validation_features: Validation rows, or None.
+        epochs: Epochs. Defaults to 20.
+        batch_size: Batch size (validation uses 4x). Defaults to 64.
+        seed: Shuffle seed. Defaults to 0.
+        callbacks: Keras callbacks. Defaults to None.
+        verbose: Keras verbosity. Defaults to 0.
+        class_weight: As in `train_head`. Defaults to None.
+
+    Returns:
+        The Keras history dict.
+    """
+    num_classes = int(model.output_shape[-1])
+    class_weight = resolve_class_weight(class_weight, train_features.labels, num_classes)
     validation = validation_features.to_dataset(batch_size * 4) if validation_features else None
-    history = head.fit(
+    history = model.fit(
         train_features.to_dataset(batch_size, shuffle=True, seed=seed),
         validation_data=validation,
         epochs=epochs,

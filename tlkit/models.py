@@ -443,6 +443,7 @@ def fine_tune_cached(
     from tlkit.features import (
         build_upper_classifier,
         extract_features,
+        fit_on_features,
         resolve_class_weight,
         split_at_block,
     )
@@ -464,6 +465,7 @@ def fine_tune_cached(
     for name, value in (("views", views), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, e.g. 3. Received: {name}={value!r}")
+    resolve_class_weight(class_weight, train_split.labels, num_classes)  # Fail before extracting.
     if block is None:
         block = block_names(base)[-2]
     lower, upper = split_at_block(base, block)
@@ -479,26 +481,16 @@ def fine_tune_cached(
     train = activations(train_split, views)
     if indices is not None:
         train = select_images(train, indices)
-    validation = None
-    if validation_split is not None:
-        validation = activations(validation_split, 1).to_dataset(batch_size * 4)
-
-    class_weight = resolve_class_weight(class_weight, train.labels, num_classes)
+    validation = activations(validation_split, 1) if validation_split is not None else None
     model = build_upper_classifier(upper, head, learning_rate=learning_rate)
-    history = model.fit(
-        train.to_dataset(batch_size, shuffle=True, seed=seed),
-        validation_data=validation,
-        epochs=epochs,
-        callbacks=callbacks,
-        verbose=verbose,
-        shuffle=False,  # The dataset shuffles itself.
-        class_weight=class_weight,
+    history = fit_on_features(
+        model, train, validation, epochs, batch_size, seed, callbacks, verbose, class_weight
     )
     classifier = build_classifier(
         base.name, num_classes, image_size, base=base, head=head,
         class_names=train_split.class_names, learning_rate=learning_rate,
     )
-    return classifier, history.history
+    return classifier, history
 
 
 def _all_layers(model: keras.Model):

@@ -84,29 +84,33 @@ def tutorial(params: dict, args) -> dict:
     def train_images(epoch_seed):
         return dataset.train.to_dataset(size, batch_size=batch, shuffle=True, seed=epoch_seed)
 
-    started = time.perf_counter()
-    model.fit(train_images(args.seed), epochs=epochs, verbose=2)
-    frozen_s = time.perf_counter() - started
-    started = time.perf_counter()
-    frozen_accuracy = _evaluate(model, dataset.validation, size)
-    clock.record("frozen_training", frozen_s, len(dataset.train) * epochs)
-    clock.record("frozen_evaluation", time.perf_counter() - started, len(dataset.validation),
-                 accuracy=frozen_accuracy)
+    def train_then_evaluate(phase: str, evaluation_phase: str, epoch_seed: int, count: int,
+                            prepare=lambda: None) -> float:
+        started = time.perf_counter()
+        prepare()
+        model.fit(train_images(epoch_seed), epochs=count, verbose=2)
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        accuracy = _evaluate(model, dataset.validation, size)
+        clock.record(phase, train_s, len(dataset.train) * count)
+        clock.record(evaluation_phase, time.perf_counter() - started, len(dataset.validation),
+                     accuracy=accuracy)
+        return accuracy
 
-    started = time.perf_counter()
-    blocks = unfreeze(model, TUTORIAL_UNFREEZE_FROM, recompile=False)
-    model.compile(
-        optimizer=keras.optimizers.RMSprop(1e-5),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    blocks = []
+
+    def unfreeze_and_compile():
+        blocks.extend(unfreeze(model, TUTORIAL_UNFREEZE_FROM, recompile=False))
+        model.compile(
+            optimizer=keras.optimizers.RMSprop(1e-5),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+
+    frozen_accuracy = train_then_evaluate("frozen_training", "frozen_evaluation", args.seed, epochs)
+    fine_accuracy = train_then_evaluate(
+        "fine_tuning", "fine_tuned_evaluation", args.seed + 1, fine_tune_epochs, unfreeze_and_compile
     )
-    model.fit(train_images(args.seed + 1), epochs=fine_tune_epochs, verbose=2)
-    fine_s = time.perf_counter() - started
-    started = time.perf_counter()
-    fine_accuracy = _evaluate(model, dataset.validation, size)
-    clock.record("fine_tuning", fine_s, len(dataset.train) * fine_tune_epochs)
-    clock.record("fine_tuned_evaluation", time.perf_counter() - started, len(dataset.validation),
-                 accuracy=fine_accuracy)
     return {
         "phases": clock.phases,
         "unfrozen_blocks": blocks,

@@ -126,7 +126,6 @@ def contender(params: dict, args) -> dict:
         from tlkit.features import extract_features
 
         backend = params.get("backend", "keras")
-        conversion_s = None
         if backend == "litert":  # Convert (and cache) once, outside the timing.
             from tlkit.litert import LiteRTModel
 

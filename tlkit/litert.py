@@ -3,7 +3,7 @@
 A frozen base computes a fixed function, so it can run on any inference
 engine that gives the same numbers. On a CPU, LiteRT (formerly TensorFlow
 Lite) with its XNNPACK kernels ran EfficientNet-Lite0 and MobileNetV2 about
-2.5x faster than Keras `predict` on the 2-core machine of
+1.8 to 2.7x faster than Keras `predict` (loaded to quiet) on the 2-core machine of
 `bench/throughput.py`, with features equal to Keras' within 2.2e-6 relative (checked at 1e-4 on every conversion).
 
 `LiteRTModel` converts a Keras model once (float32, no quantisation), checks

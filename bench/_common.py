@@ -159,8 +159,14 @@ def run_contender(script: str, name: str, params: dict, quick: bool, timeout: fl
     with tempfile.TemporaryDirectory(prefix="tlkit-bench-") as folder:
         result_file = Path(folder) / "result.json"
         command = [
-            sys.executable, str(BENCH_DIR / script), "--child", name,
-            "--params", json.dumps(params), "--result-file", str(result_file),
+            sys.executable,
+            str(BENCH_DIR / script),
+            "--child",
+            name,
+            "--params",
+            json.dumps(params),
+            "--result-file",
+            str(result_file),
         ] + (["--quick"] if quick else [])
         environment = {**os.environ, "TLKIT_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
         print(f"[{script}] {name} {json.dumps(params)}", flush=True)
@@ -169,7 +175,11 @@ def run_contender(script: str, name: str, params: dict, quick: bool, timeout: fl
         wall = time.perf_counter() - started
         _remove_tree(cache)
         if completed.returncode != 0 or not result_file.is_file():
-            return {"contender": name, "params": params, "error": f"exit code {completed.returncode}"}
+            return {
+                "contender": name,
+                "params": params,
+                "error": f"exit code {completed.returncode}",
+            }
         result = json.loads(result_file.read_text())
     result["process_wall_s"] = round(wall, 2)
     return result
@@ -229,11 +239,15 @@ def write_results(
         f"Machine: {record['machine']['nproc']} CPU(s), {record['machine']['cpu_model']}, "
         f"{record['machine']['memory_gb']} GB; load average at start "
         f"{record['machine']['load_average_at_start']}  \n"
-        f"Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()
-                                  if k != "platform") + "  \n"
+        f"Versions: "
+        + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if k != "platform")
+        + "  \n"
         f"Seed: {args.seed}; quick: {bool(args.quick)}; finished {record['finished_at']}\n\n"
     )
-    write_text(folder / f"{name}.md", header + table.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""))
+    write_text(
+        folder / f"{name}.md",
+        header + table.rstrip() + "\n" + (f"\n{notes.rstrip()}\n" if notes else ""),
+    )
     return folder / f"{name}.json"
 
 
@@ -251,7 +265,9 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def wait_for_quiet_machine(max_load: float = 1.5, max_wait_s: float = 0, poll_s: float = 15) -> list[float]:
+def wait_for_quiet_machine(
+    max_load: float = 1.5, max_wait_s: float = 0, poll_s: float = 15
+) -> list[float]:
     """Waits (up to `max_wait_s`) until the 1-minute load average is below `max_load`."""
     deadline = time.time() + max_wait_s
     while os.getloadavg()[0] >= max_load and time.time() < deadline:
@@ -267,12 +283,18 @@ def load_dataset(name: str, quick: bool, per_class: int = 12, seed: int = 42):
     if not quick:
         return dataset
     splits = {
-        split_name: split.sample_per_class(min(per_class, min(split.class_counts().values())), seed=seed)
+        split_name: split.sample_per_class(
+            min(per_class, min(split.class_counts().values())), seed=seed
+        )
         for split_name, split in dataset.splits.items()
     }
     return data.ImageDataset(
-        dataset.name, dataset.class_names, splits["train"], splits.get("validation"),
-        splits.get("test"), info=dataset.info,
+        dataset.name,
+        dataset.class_names,
+        splits["train"],
+        splits.get("validation"),
+        splits.get("test"),
+        info=dataset.info,
     )
 
 

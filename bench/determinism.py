@@ -46,19 +46,32 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"default": [], "deterministic": []}
     for _ in range(1 if arguments.quick else arguments.repeats):
         for mode in ("default", "deterministic"):
-            code = ONE_RUN.format(per_class=per_class, size=size, deterministic=mode == "deterministic")
+            code = ONE_RUN.format(
+                per_class=per_class, size=size, deterministic=mode == "deterministic"
+            )
             output = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                check=True,
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
             ).stdout
             runs[mode].append(json.loads(output.strip().splitlines()[-1]))
-    medians = {mode: statistics.median(r["fine_tuning_s"] for r in results) for mode, results in runs.items()}
+    medians = {
+        mode: statistics.median(r["fine_tuning_s"] for r in results)
+        for mode, results in runs.items()
+    }
     summary = {
         "benchmark": "determinism",
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": {"cpus": os.cpu_count()},
-        "setup": {"backbone": "mobilenet_v2", "image_size": size, "images_per_class": per_class,
-                  "fine_tune_epochs": 2, "blocks": 2},
+        "setup": {
+            "backbone": "mobilenet_v2",
+            "image_size": size,
+            "images_per_class": per_class,
+            "fine_tune_epochs": 2,
+            "blocks": 2,
+        },
         "runs": runs,
         "median_fine_tuning_s": medians,
         "ratio_deterministic_to_default": medians["deterministic"] / medians["default"],

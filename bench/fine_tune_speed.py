@@ -76,13 +76,16 @@ def plain(params: dict, args) -> dict:
     dataset, base, head = _prepare(args)
     accuracy_before = _accuracy(base, head, dataset)
     epochs = params["epochs"]
-    model = build_classifier(BACKBONE, dataset.num_classes, IMAGE_SIZE, augmentation="natural",
-                             base=base, head=head)
+    model = build_classifier(
+        BACKBONE, dataset.num_classes, IMAGE_SIZE, augmentation="natural", base=base, head=head
+    )
     blocks = unfreeze(model, FIRST_BLOCK, learning_rate=LEARNING_RATE)
     keras.utils.set_random_seed(args.seed)
     started = time.perf_counter()
     for epoch in range(epochs):
-        images = dataset.train.to_dataset(IMAGE_SIZE, batch_size=32, shuffle=True, seed=args.seed + epoch)
+        images = dataset.train.to_dataset(
+            IMAGE_SIZE, batch_size=32, shuffle=True, seed=args.seed + epoch
+        )
         model.fit(images, epochs=1, verbose=0)
     seconds = time.perf_counter() - started
     return {
@@ -106,9 +109,15 @@ def cached(params: dict, args) -> dict:
     epochs, views = params["epochs"], params["views"]
     started = time.perf_counter()
     lower, upper = split_at_block(base, FIRST_BLOCK)
-    activations = extract_features(lower, dataset.train, IMAGE_SIZE, views=views,
-                                   augmentation="natural" if views > 1 else None,
-                                   seed=args.seed, progress=False)
+    activations = extract_features(
+        lower,
+        dataset.train,
+        IMAGE_SIZE,
+        views=views,
+        augmentation="natural" if views > 1 else None,
+        seed=args.seed,
+        progress=False,
+    )
     extract_s = time.perf_counter() - started
     model = build_upper_classifier(upper, head, learning_rate=LEARNING_RATE)
     passes = max(1, round(epochs / views))
@@ -124,7 +133,7 @@ def cached(params: dict, args) -> dict:
         "activation_shape": list(activations.features.shape[1:]),
         "activation_mb": round(activations.features.nbytes / 2**20, 1),
         "steps": passes * math.ceil(len(activations) / 32),
-        "unfrozen_blocks": names[names.index(FIRST_BLOCK):],
+        "unfrozen_blocks": names[names.index(FIRST_BLOCK) :],
         "accuracy_before": accuracy_before,
         "accuracy": _accuracy(base, head, dataset),
         "dataset": _common.dataset_facts(dataset),
@@ -147,7 +156,9 @@ def main(argv=None) -> int:
     if args is None:
         return 0
     _common.ensure_weights([BACKBONE])
-    rows = [_common.run_contender(SCRIPT, name, params, args.quick) for name, params in plan(args.quick)]
+    rows = [
+        _common.run_contender(SCRIPT, name, params, args.quick) for name, params in plan(args.quick)
+    ]
     plain_row = next((r for r in rows if r["contender"] == "plain" and "error" not in r), None)
     table_rows = []
     for row in rows:
@@ -159,30 +170,57 @@ def main(argv=None) -> int:
         if plain_row:
             row["accuracy_change_vs_plain"] = round(row["accuracy"] - plain_row["accuracy"], 4)
         params = row["params"]
-        table_rows.append({
-            "contender": row["contender"],
-            "settings": f"{params['epochs']} epochs" + (f", {params['views']} views" if "views" in params else ""),
-            "steps": row["steps"], "seconds": row["fine_tune_s"],
-            "extra": (f"extract {row['activation_extraction_s']} s + train {row['upper_training_s']} s; "
-                      f"activations {row['activation_shape']} {row['activation_mb']} MiB")
-            if row["contender"] == "cached" else "images through the whole base every step",
-            "speedup": speedup, "before": row["accuracy_before"], "accuracy": row["accuracy"],
-            "rss": row["peak_rss_mb"],
-        })
-    table = _common.markdown_table(table_rows, [
-        ("contender", "contender"), ("settings", "settings"), ("steps", "steps"),
-        ("seconds", "fine-tune wall s"), ("speedup", "x plain"), ("extra", "detail"),
-        ("before", "val acc before"), ("accuracy", "val acc after"), ("rss", "peak RSS MiB"),
-    ])
+        table_rows.append(
+            {
+                "contender": row["contender"],
+                "settings": f"{params['epochs']} epochs"
+                + (f", {params['views']} views" if "views" in params else ""),
+                "steps": row["steps"],
+                "seconds": row["fine_tune_s"],
+                "extra": (
+                    f"extract {row['activation_extraction_s']} s + train {row['upper_training_s']} s; "
+                    f"activations {row['activation_shape']} {row['activation_mb']} MiB"
+                )
+                if row["contender"] == "cached"
+                else "images through the whole base every step",
+                "speedup": speedup,
+                "before": row["accuracy_before"],
+                "accuracy": row["accuracy"],
+                "rss": row["peak_rss_mb"],
+            }
+        )
+    table = _common.markdown_table(
+        table_rows,
+        [
+            ("contender", "contender"),
+            ("settings", "settings"),
+            ("steps", "steps"),
+            ("seconds", "fine-tune wall s"),
+            ("speedup", "x plain"),
+            ("extra", "detail"),
+            ("before", "val acc before"),
+            ("accuracy", "val acc after"),
+            ("rss", "peak RSS MiB"),
+        ],
+    )
     notes = (
         f"{BACKBONE} @{IMAGE_SIZE}, unfrozen from `{FIRST_BLOCK}` (block17 + head conv), Adam "
         f"{LEARNING_RATE}, batch 32, BatchNorm frozen. The fine-tune wall time of `cached` includes "
         "computing the lower activations. Validation: all images of the validation split, "
         "end to end through the assembled classifier."
     )
-    _common.write_results("fine_tune_speed", args, {"contenders": rows, "backbone": BACKBONE,
-                                                    "image_size": IMAGE_SIZE, "first_block": FIRST_BLOCK},
-                          table, notes)
+    _common.write_results(
+        "fine_tune_speed",
+        args,
+        {
+            "contenders": rows,
+            "backbone": BACKBONE,
+            "image_size": IMAGE_SIZE,
+            "first_block": FIRST_BLOCK,
+        },
+        table,
+        notes,
+    )
     print(table + "\n" + notes)
     return 0
 

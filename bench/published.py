@@ -53,10 +53,19 @@ import _common  # noqa: E402
 
 SCRIPT = "published.py"
 PUBLISHED = {
-    ("tf_flowers", "mobilenet_v2"): {"accuracy": 0.854, "source": "MediaPipe Model Maker, MobileNetV2"},
-    ("tf_flowers", "efficientnet_lite0"): {"accuracy": 0.913, "source": "MediaPipe Model Maker, EfficientNet-Lite0"},
+    ("tf_flowers", "mobilenet_v2"): {
+        "accuracy": 0.854,
+        "source": "MediaPipe Model Maker, MobileNetV2",
+    },
+    ("tf_flowers", "efficientnet_lite0"): {
+        "accuracy": 0.913,
+        "source": "MediaPipe Model Maker, EfficientNet-Lite0",
+    },
     ("pneumoniamnist", "efficientnet_lite0"): {
-        "accuracy": 0.884, "roc_auc": 0.962, "source": "MedMNIST v2, ResNet-50 (224)"},
+        "accuracy": 0.884,
+        "roc_auc": 0.962,
+        "source": "MedMNIST v2, ResNet-50 (224)",
+    },
 }
 # TrainConfig fields that differ from the defaults, per (dataset, backbone).
 CONFIGS = {
@@ -64,9 +73,16 @@ CONFIGS = {
 }
 # The fine-tuned recipe (contender `fine_tuned`), one row after the train_run ones.
 FINE_TUNED = {
-    "dataset": "pneumoniamnist", "backbone": "efficientnet_lite0", "image_size": 224,
-    "block": "block15", "views": 3, "augmentation": "medical", "head_epochs": 20,
-    "epochs": 2, "learning_rate": 1e-4, "class_weight": "balanced",
+    "dataset": "pneumoniamnist",
+    "backbone": "efficientnet_lite0",
+    "image_size": 224,
+    "block": "block15",
+    "views": 3,
+    "augmentation": "medical",
+    "head_epochs": 20,
+    "epochs": 2,
+    "learning_rate": 1e-4,
+    "class_weight": "balanced",
 }
 
 
@@ -112,23 +128,41 @@ def fine_tuned(params: dict, args) -> dict:
     base = build_feature_extractor(params["backbone"], size)
     lower, upper = split_at_block(base, params["block"])
     activations = extract_features(
-        lower, dataset.train, size, views=params["views"], augmentation=params["augmentation"],
-        seed=0, progress=False,
+        lower,
+        dataset.train,
+        size,
+        views=params["views"],
+        augmentation=params["augmentation"],
+        seed=0,
+        progress=False,
     )
     timings["lower_activations_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    features = FeatureSet(upper.predict(activations.features, batch_size=256, verbose=0),
-                          activations.labels, activations.views)
+    features = FeatureSet(
+        upper.predict(activations.features, batch_size=256, verbose=0),
+        activations.labels,
+        activations.views,
+    )
     keras.utils.set_random_seed(seed)
     head = build_head(base.output_shape[-1], dataset.num_classes)
     train_head(head, features, epochs=head_epochs, seed=seed, class_weight=params["class_weight"])
     timings["head_training_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    model, history = fine_tune_cached(  # Reuses the cached activations (same views, seed, augmentation).
-        base, head, dataset.train, block=params["block"], views=params["views"],
-        augmentation=params["augmentation"], augmentation_seed=0, epochs=epochs,
-        learning_rate=params["learning_rate"], seed=seed, class_weight=params["class_weight"],
-        progress=False,
+    model, history = (
+        fine_tune_cached(  # Reuses the cached activations (same views, seed, augmentation).
+            base,
+            head,
+            dataset.train,
+            block=params["block"],
+            views=params["views"],
+            augmentation=params["augmentation"],
+            augmentation_seed=0,
+            epochs=epochs,
+            learning_rate=params["learning_rate"],
+            seed=seed,
+            class_weight=params["class_weight"],
+            progress=False,
+        )
     )
     timings["fine_tuning_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -153,9 +187,11 @@ CONTENDERS = {"run": run, "fine_tuned": fine_tuned}
 
 def _settings(dataset: str, backbone: str, contender: str) -> str:
     if contender == "fine_tuned":
-        return (f"head on cached features, then fine_tune_cached from {FINE_TUNED['block']}: "
-                f"{FINE_TUNED['views']} views ({FINE_TUNED['augmentation']}), {FINE_TUNED['epochs']} "
-                f"epochs Adam {FINE_TUNED['learning_rate']:g}, class_weight={FINE_TUNED['class_weight']}")
+        return (
+            f"head on cached features, then fine_tune_cached from {FINE_TUNED['block']}: "
+            f"{FINE_TUNED['views']} views ({FINE_TUNED['augmentation']}), {FINE_TUNED['epochs']} "
+            f"epochs Adam {FINE_TUNED['learning_rate']:g}, class_weight={FINE_TUNED['class_weight']}"
+        )
     settings = {k: v for k, v in CONFIGS.get((dataset, backbone), {}).items() if k != "image_size"}
     return "train_run: " + (", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults")
 
@@ -172,28 +208,46 @@ def main(argv=None) -> int:
     _common.ensure_weights(["mobilenet_v2", "efficientnet_lite0"])
     seeds = args.seeds[:1] if args.quick else args.seeds
     rows = []
-    for (dataset, backbone) in PUBLISHED:
+    for dataset, backbone in PUBLISHED:
         for seed in seeds:
-            params = {"dataset": dataset, "backbone": backbone, "seed": seed,
-                      "config": CONFIGS.get((dataset, backbone), {})}
+            params = {
+                "dataset": dataset,
+                "backbone": backbone,
+                "seed": seed,
+                "config": CONFIGS.get((dataset, backbone), {}),
+            }
             rows.append(_common.run_contender(SCRIPT, "run", params, args.quick))
     for seed in seeds:
-        rows.append(_common.run_contender(SCRIPT, "fine_tuned", {**FINE_TUNED, "seed": seed}, args.quick))
+        rows.append(
+            _common.run_contender(SCRIPT, "fine_tuned", {**FINE_TUNED, "seed": seed}, args.quick)
+        )
     table_rows, summary = [], []
-    groups = [(key, "run") for key in PUBLISHED] + [((FINE_TUNED["dataset"], FINE_TUNED["backbone"]), "fine_tuned")]
+    groups = [(key, "run") for key in PUBLISHED] + [
+        ((FINE_TUNED["dataset"], FINE_TUNED["backbone"]), "fine_tuned")
+    ]
     for (dataset, backbone), contender in groups:
         reference = PUBLISHED[(dataset, backbone)]
-        group = [r for r in rows if r["params"]["dataset"] == dataset and r["contender"] == contender
-                 and r["params"]["backbone"] == backbone and "error" not in r]
+        group = [
+            r
+            for r in rows
+            if r["params"]["dataset"] == dataset
+            and r["contender"] == contender
+            and r["params"]["backbone"] == backbone
+            and "error" not in r
+        ]
         if not group:
             continue
         accuracies = [r["accuracy"] for r in group]
         aucs = [r["roc_auc"] for r in group if r.get("roc_auc") is not None]
         entry = {
-            "dataset": dataset, "backbone": backbone, "recipe": contender,
+            "dataset": dataset,
+            "backbone": backbone,
+            "recipe": contender,
             "seeds": [r["params"]["seed"] for r in group],
-            "test_accuracies": accuracies, "median_accuracy": statistics.median(accuracies),
-            "min_accuracy": min(accuracies), "published": reference,
+            "test_accuracies": accuracies,
+            "median_accuracy": statistics.median(accuracies),
+            "min_accuracy": min(accuracies),
+            "published": reference,
             "above_published_every_seed": all(a > reference["accuracy"] for a in accuracies),
         }
         if aucs:
@@ -201,32 +255,49 @@ def main(argv=None) -> int:
             entry["median_roc_auc"] = statistics.median(aucs)
             entry["auc_above_published_every_seed"] = all(a > reference["roc_auc"] for a in aucs)
         summary.append(entry)
-        table_rows.append({
-            "dataset": dataset, "backbone": f"{backbone} @{group[0]['config']['image_size']}",
-            "settings": _settings(dataset, backbone, contender),
-            "seeds": ", ".join(str(s) for s in entry["seeds"]),
-            "accuracy": " / ".join(f"{a:.3f}" for a in accuracies),
-            "median": round(entry["median_accuracy"], 4),
-            "auc": " / ".join(f"{a:.3f}" for a in aucs) if aucs else "",
-            "published": f"{reference['accuracy']:.3f}" + (f" / AUC {reference['roc_auc']:.3f}" if "roc_auc" in reference else "")
-            + f" ({reference['source']})",
-            "above": entry["above_published_every_seed"] and entry.get("auc_above_published_every_seed", True),
-            "seconds": statistics.median(r["total_wall_s"] for r in group),
-            "rss": max(r["peak_rss_mb"] for r in group),
-        })
-    table = _common.markdown_table(table_rows, [
-        ("dataset", "dataset"), ("backbone", "backbone"), ("settings", "recipe"), ("seeds", "seeds"),
-        ("accuracy", "test accuracy per seed"), ("median", "median"), ("auc", "test ROC AUC per seed"),
-        ("published", "published"), ("above", "above, every seed"),
-        ("seconds", "median wall s"), ("rss", "max peak RSS MiB"),
-    ])
-    notes = ("train_run rows: `TrainConfig(backbone=..., seed=..., **CONFIGS[row])`, everything else "
-             "default (features extracted once with the LiteRT backend, 20 head epochs, no "
-             "fine-tuning, evaluation on the cached test features). The split seed of tf_flowers "
-             "is 42 for every run (the same 80/10/10 split); the training seed varies. Settings "
-             "that differ from the defaults were chosen on the validation split, never the test "
-             "split, except the fine-tuning epochs of the PneumoniaMNIST recipe (the docstring "
-             "of `bench/published.py` says how each was found).")
+        table_rows.append(
+            {
+                "dataset": dataset,
+                "backbone": f"{backbone} @{group[0]['config']['image_size']}",
+                "settings": _settings(dataset, backbone, contender),
+                "seeds": ", ".join(str(s) for s in entry["seeds"]),
+                "accuracy": " / ".join(f"{a:.3f}" for a in accuracies),
+                "median": round(entry["median_accuracy"], 4),
+                "auc": " / ".join(f"{a:.3f}" for a in aucs) if aucs else "",
+                "published": f"{reference['accuracy']:.3f}"
+                + (f" / AUC {reference['roc_auc']:.3f}" if "roc_auc" in reference else "")
+                + f" ({reference['source']})",
+                "above": entry["above_published_every_seed"]
+                and entry.get("auc_above_published_every_seed", True),
+                "seconds": statistics.median(r["total_wall_s"] for r in group),
+                "rss": max(r["peak_rss_mb"] for r in group),
+            }
+        )
+    table = _common.markdown_table(
+        table_rows,
+        [
+            ("dataset", "dataset"),
+            ("backbone", "backbone"),
+            ("settings", "recipe"),
+            ("seeds", "seeds"),
+            ("accuracy", "test accuracy per seed"),
+            ("median", "median"),
+            ("auc", "test ROC AUC per seed"),
+            ("published", "published"),
+            ("above", "above, every seed"),
+            ("seconds", "median wall s"),
+            ("rss", "max peak RSS MiB"),
+        ],
+    )
+    notes = (
+        "train_run rows: `TrainConfig(backbone=..., seed=..., **CONFIGS[row])`, everything else "
+        "default (features extracted once with the LiteRT backend, 20 head epochs, no "
+        "fine-tuning, evaluation on the cached test features). The split seed of tf_flowers "
+        "is 42 for every run (the same 80/10/10 split); the training seed varies. Settings "
+        "that differ from the defaults were chosen on the validation split, never the test "
+        "split, except the fine-tuning epochs of the PneumoniaMNIST recipe (the docstring "
+        "of `bench/published.py` says how each was found)."
+    )
     _common.write_results("published", args, {"summary": summary, "runs": rows}, table, notes)
     print(table + "\n" + notes)
     return 0

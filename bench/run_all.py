@@ -36,12 +36,21 @@ def main(argv=None) -> int:
     status = {}
     for name in args.only:
         load = _common.wait_for_quiet_machine(args.max_load, 0 if args.quick else args.max_wait)
-        command = [sys.executable, str(_common.BENCH_DIR / f"{name}.py"), "--results", str(args.results),
-                   "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+        command = [
+            sys.executable,
+            str(_common.BENCH_DIR / f"{name}.py"),
+            "--results",
+            str(args.results),
+            "--seed",
+            str(args.seed),
+        ] + (["--quick"] if args.quick else [])
         print(f"== {name} (load average {load}) ==", flush=True)
         started = time.perf_counter()
-        status[name] = {"returncode": subprocess.run(command).returncode,
-                        "wall_s": round(time.perf_counter() - started, 1), "load_average_before": load}
+        status[name] = {
+            "returncode": subprocess.run(command).returncode,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "load_average_before": load,
+        }
     write_summary(Path(args.results), status)
     return 0 if all(s["returncode"] == 0 for s in status.values()) else 1
 
@@ -50,12 +59,14 @@ def write_summary(folder: Path, status: dict) -> None:
     """SUMMARY.md: every benchmark's markdown table, in order, under one header."""
     from tlkit._io import write_text
 
-    parts = ["# tlkit benchmarks: summary\n",
-             f"Written by `python bench/run_all.py` on {time.strftime('%Y-%m-%d %H:%M %Z')}; "
-             f"machine: {os.cpu_count()} CPU(s), {_common.machine()['cpu_model']}. Every section "
-             "below is the `.md` of one benchmark (its JSON has every number and the exact "
-             "command). Compare ratios within one run only: absolute times on a shared "
-             "2-core machine are noisy.\n"]
+    parts = [
+        "# tlkit benchmarks: summary\n",
+        f"Written by `python bench/run_all.py` on {time.strftime('%Y-%m-%d %H:%M %Z')}; "
+        f"machine: {os.cpu_count()} CPU(s), {_common.machine()['cpu_model']}. Every section "
+        "below is the `.md` of one benchmark (its JSON has every number and the exact "
+        "command). Compare ratios within one run only: absolute times on a shared "
+        "2-core machine are noisy.\n",
+    ]
     for name in BENCHMARKS:
         markdown, record = folder / f"{name}.md", folder / f"{name}.json"
         if not markdown.is_file():
@@ -63,11 +74,15 @@ def write_summary(folder: Path, status: dict) -> None:
         state = status.get(name)
         text = markdown.read_text().replace(f"# {name}\n", f"## {name}\n", 1)
         text = text.replace("\n## ", "\n### ")
-        text = text.replace(f"\n### {name}\n", f"\n## {name}\n", 1) if text.startswith("##") else text
+        text = (
+            text.replace(f"\n### {name}\n", f"\n## {name}\n", 1) if text.startswith("##") else text
+        )
         if state:
             text += f"\n(exit code {state['returncode']}, {state['wall_s']} s, load before {state['load_average_before']})\n"
         elif record.is_file():
-            text += f"\n(from an earlier run: {json.loads(record.read_text()).get('finished_at')})\n"
+            text += (
+                f"\n(from an earlier run: {json.loads(record.read_text()).get('finished_at')})\n"
+            )
         parts.append(text)
     write_text(folder / "SUMMARY.md", "\n".join(parts))
 

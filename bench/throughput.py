@@ -95,8 +95,11 @@ def _timed(run, images, batch_size: int) -> dict:
         features = run(images)
         times.append(time.perf_counter() - clock)
     seconds = statistics.median(times)
-    return {"seconds": round(seconds, 3), "images_per_second": round(len(images) / seconds, 1),
-            "features": np.asarray(features)}
+    return {
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(images) / seconds, 1),
+        "features": np.asarray(features),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -119,6 +122,7 @@ def contender(params: dict, args) -> dict:
     reference = base.predict(images[:32], batch_size=32, verbose=0)
 
     if method == "keras_predict":
+
         def run(x):
             return base.predict(x, batch_size=batch_size, verbose=0)
     elif method == "tlkit_extract":
@@ -136,23 +140,31 @@ def contender(params: dict, args) -> dict:
         def run(x):
             split = ImageSplit("bench", ["any"], np.zeros(len(x), np.int32), images=x)
             return extract_features(
-                base, split, size, batch_size=batch_size, cache=False, progress=False,
+                base,
+                split,
+                size,
+                batch_size=batch_size,
+                cache=False,
+                progress=False,
                 backend=backend,
             ).features
     elif method in ("tf_function", "xla"):
         forward = tf.function(lambda x: base(x, training=False), jit_compile=method == "xla")
 
         def run(x):
-            return np.concatenate([
-                forward(tf.cast(x[i : i + batch_size], tf.float32)).numpy()
-                for i in range(0, len(x), batch_size)
-            ])
+            return np.concatenate(
+                [
+                    forward(tf.cast(x[i : i + batch_size], tf.float32)).numpy()
+                    for i in range(0, len(x), batch_size)
+                ]
+            )
     elif method == "litert":
         from tlkit.litert import LiteRTModel
 
         clock = time.perf_counter()
-        model = LiteRTModel(base, size, cache=False, batch_size=batch_size,
-                            num_threads=params.get("threads", 2))
+        model = LiteRTModel(
+            base, size, cache=False, batch_size=batch_size, num_threads=params.get("threads", 2)
+        )
         conversion_s = round(time.perf_counter() - clock, 2)
 
         def run(x):
@@ -163,8 +175,13 @@ def contender(params: dict, args) -> dict:
     timing = _timed(run, images, batch_size)
     features = timing.pop("features")
     extra = {"conversion_s": conversion_s} if method in ("litert", "tlkit_extract") else {}
-    return {**timing, **_compare(features[:32], reference), "image_size": size,
-            "count": len(images), **extra}
+    return {
+        **timing,
+        **_compare(features[:32], reference),
+        "image_size": size,
+        "count": len(images),
+        **extra,
+    }
 
 
 def scaling(params: dict, args) -> dict:
@@ -186,8 +203,11 @@ def scaling(params: dict, args) -> dict:
     clock = time.perf_counter()
     features = extract_features(base, split, size, cache=False, progress=False)
     seconds = time.perf_counter() - clock
-    return {"seconds": round(seconds, 2), "images_per_second": round(count / seconds, 1),
-            "rows": len(features)}
+    return {
+        "seconds": round(seconds, 2),
+        "images_per_second": round(count / seconds, 1),
+        "rows": len(features),
+    }
 
 
 def ceiling(params: dict, args) -> dict:
@@ -200,7 +220,10 @@ def ceiling(params: dict, args) -> dict:
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
     a_numpy, b_numpy = a.numpy(), b.numpy()
     measured = {}
-    for name, function in (("tensorflow", lambda: matmul().numpy()), ("numpy", lambda: a_numpy @ b_numpy)):
+    for name, function in (
+        ("tensorflow", lambda: matmul().numpy()),
+        ("numpy", lambda: a_numpy @ b_numpy),
+    ):
         function()
         times = []
         for _ in range(5):
@@ -213,15 +236,23 @@ def ceiling(params: dict, args) -> dict:
     for backbone in params["backbones"]:
         base, image_size = _base(backbone)
         models[backbone] = {"image_size": image_size, "gflops_per_image": model_flops(base) / 1e9}
-    return {"matmul_size": size, "matmul_gflops": round(gflops, 1), "matmul_gflops_by_library": measured,
-            "nominal_gflops": nominal_gflops(), "models": models}
+    return {
+        "matmul_size": size,
+        "matmul_gflops": round(gflops, 1),
+        "matmul_gflops_by_library": measured,
+        "nominal_gflops": nominal_gflops(),
+        "models": models,
+    }
 
 
 def nominal_gflops() -> float | None:
     """Cores x nominal clock x 32 float32 FLOP/cycle (two 256-bit FMA units per core)."""
     try:
-        megahertz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("cpu MHz")]
+        megahertz = [
+            float(line.split(":")[1])
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("cpu MHz")
+        ]
     except OSError:
         return None
     cores = len(os.sched_getaffinity(0))
@@ -304,7 +335,9 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     peak = _common.run_contender(SCRIPT, "ceiling", {"backbones": list(BACKBONES)}, args.quick)
     rows = [_common.run_contender(SCRIPT, "contender", params, args.quick) for params in runs]
-    scaling_rows = [_common.run_contender(SCRIPT, "scaling", params, args.quick) for params in scale]
+    scaling_rows = [
+        _common.run_contender(SCRIPT, "scaling", params, args.quick) for params in scale
+    ]
 
     table_rows = []
     for backbone in BACKBONES:
@@ -316,37 +349,66 @@ def main(argv=None) -> int:
         peak_gflops = max(peak.get("matmul_gflops") or 0, peak.get("nominal_gflops") or 0)
         ceiling_ips = peak_gflops / model["gflops_per_image"] if model else None
         for row in group:
-            row["speedup_vs_keras_predict"] = round(row["images_per_second"] / keras_row["images_per_second"], 2)
+            row["speedup_vs_keras_predict"] = round(
+                row["images_per_second"] / keras_row["images_per_second"], 2
+            )
             if ceiling_ips:
                 row["fraction_of_ceiling"] = round(row["images_per_second"] / ceiling_ips, 3)
-            table_rows.append({
-                "backbone": f"{backbone} @{row['image_size']}", "path": label(row),
-                "ips": row["images_per_second"], "speedup": row["speedup_vs_keras_predict"],
-                "ceiling": row.get("fraction_of_ceiling", ""),
-                "diff": f"{row['relative_difference']:.1e}", "equal": row["features_equal"],
-                "rss": row["peak_rss_mb"], "conversion": row.get("conversion_s") or "",
-            })
-    table = _common.markdown_table(table_rows, [
-        ("backbone", "backbone"), ("path", "path"), ("ips", "images/s"),
-        ("speedup", "x Keras predict"), ("ceiling", "of FLOP ceiling"),
-        ("diff", "max rel. feature diff"), ("equal", f"equal (tol {FEATURE_TOLERANCE})"),
-        ("rss", "peak RSS MiB"), ("conversion", "LiteRT conversion s (once, untimed)"),
-    ])
+            table_rows.append(
+                {
+                    "backbone": f"{backbone} @{row['image_size']}",
+                    "path": label(row),
+                    "ips": row["images_per_second"],
+                    "speedup": row["speedup_vs_keras_predict"],
+                    "ceiling": row.get("fraction_of_ceiling", ""),
+                    "diff": f"{row['relative_difference']:.1e}",
+                    "equal": row["features_equal"],
+                    "rss": row["peak_rss_mb"],
+                    "conversion": row.get("conversion_s") or "",
+                }
+            )
+    table = _common.markdown_table(
+        table_rows,
+        [
+            ("backbone", "backbone"),
+            ("path", "path"),
+            ("ips", "images/s"),
+            ("speedup", "x Keras predict"),
+            ("ceiling", "of FLOP ceiling"),
+            ("diff", "max rel. feature diff"),
+            ("equal", f"equal (tol {FEATURE_TOLERANCE})"),
+            ("rss", "peak RSS MiB"),
+            ("conversion", "LiteRT conversion s (once, untimed)"),
+        ],
+    )
     peak_gflops = max(peak.get("matmul_gflops") or 0, peak.get("nominal_gflops") or 0)
     ceiling_lines = [
         f"Peak: float32 matmul {peak.get('matmul_size')}^2 measured "
         f"{peak.get('matmul_gflops_by_library')} GFLOP/s; nominal {peak.get('nominal_gflops')} "
-        f"GFLOP/s (cores x clock x 32 FLOP/cycle). The ceiling uses the larger, {peak_gflops} GFLOP/s."]
+        f"GFLOP/s (cores x clock x 32 FLOP/cycle). The ceiling uses the larger, {peak_gflops} GFLOP/s."
+    ]
     for backbone, model in peak.get("models", {}).items():
         ceiling_lines.append(
             f"- {backbone} @{model['image_size']}: {model['gflops_per_image']:.3f} GFLOP/image "
             f"(2 x multiply-adds of conv/dense layers) -> ceiling "
-            f"{peak_gflops / model['gflops_per_image']:.0f} images/s.")
+            f"{peak_gflops / model['gflops_per_image']:.0f} images/s."
+        )
     scaling_table = _common.markdown_table(
-        [{"images": r["params"]["count"], "seconds": r.get("seconds"),
-          "ips": r.get("images_per_second"), "rss": r.get("peak_rss_mb")} for r in scaling_rows],
-        [("images", "images (flower files, repeated)"),
-         ("seconds", "extract_features wall s"), ("ips", "images/s"), ("rss", "peak RSS MiB")],
+        [
+            {
+                "images": r["params"]["count"],
+                "seconds": r.get("seconds"),
+                "ips": r.get("images_per_second"),
+                "rss": r.get("peak_rss_mb"),
+            }
+            for r in scaling_rows
+        ],
+        [
+            ("images", "images (flower files, repeated)"),
+            ("seconds", "extract_features wall s"),
+            ("ips", "images/s"),
+            ("rss", "peak RSS MiB"),
+        ],
     )
     notes = "\n".join(ceiling_lines) + (
         "\n\nEach row is its own process; timings are one pass over the same in-memory images "

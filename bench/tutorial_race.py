@@ -76,7 +76,11 @@ def tutorial(params: dict, args) -> dict:
 
     started = time.perf_counter()
     model = build_classifier(
-        "mobilenet_v2", dataset.num_classes, size, augmentation="tutorial", learning_rate=1e-4,
+        "mobilenet_v2",
+        dataset.num_classes,
+        size,
+        augmentation="tutorial",
+        learning_rate=1e-4,
         class_names=dataset.class_names,
     )
     clock.record("build", time.perf_counter() - started)
@@ -84,8 +88,9 @@ def tutorial(params: dict, args) -> dict:
     def train_images(epoch_seed):
         return dataset.train.to_dataset(size, batch_size=batch, shuffle=True, seed=epoch_seed)
 
-    def train_then_evaluate(phase: str, evaluation_phase: str, epoch_seed: int, count: int,
-                            prepare=lambda: None) -> float:
+    def train_then_evaluate(
+        phase: str, evaluation_phase: str, epoch_seed: int, count: int, prepare=lambda: None
+    ) -> float:
         started = time.perf_counter()
         prepare()
         model.fit(train_images(epoch_seed), epochs=count, verbose=2)
@@ -93,8 +98,12 @@ def tutorial(params: dict, args) -> dict:
         started = time.perf_counter()
         accuracy = _evaluate(model, dataset.validation, size)
         clock.record(phase, train_s, len(dataset.train) * count)
-        clock.record(evaluation_phase, time.perf_counter() - started, len(dataset.validation),
-                     accuracy=accuracy)
+        clock.record(
+            evaluation_phase,
+            time.perf_counter() - started,
+            len(dataset.validation),
+            accuracy=accuracy,
+        )
         return accuracy
 
     blocks = []
@@ -109,7 +118,11 @@ def tutorial(params: dict, args) -> dict:
 
     frozen_accuracy = train_then_evaluate("frozen_training", "frozen_evaluation", args.seed, epochs)
     fine_accuracy = train_then_evaluate(
-        "fine_tuning", "fine_tuned_evaluation", args.seed + 1, fine_tune_epochs, unfreeze_and_compile
+        "fine_tuning",
+        "fine_tuned_evaluation",
+        args.seed + 1,
+        fine_tune_epochs,
+        unfreeze_and_compile,
     )
     return {
         "phases": clock.phases,
@@ -135,11 +148,16 @@ def tlkit_default(params: dict, args) -> dict:
     timings = result.metrics["timings"]
     clock = _common.PhaseClock()
     clock.record("build", timings["build_s"])
-    clock.record("feature_extraction", timings["feature_extraction_s"],
-                 len(dataset.train) * config.views + len(dataset.validation))
+    clock.record(
+        "feature_extraction",
+        timings["feature_extraction_s"],
+        len(dataset.train) * config.views + len(dataset.validation),
+    )
     clock.record("head_training", timings.get("head_training_s", 0.0))
     if "fine_tuning_s" in timings:
-        clock.record("fine_tuning", timings["fine_tuning_s"], len(dataset.train) * config.fine_tune_epochs)
+        clock.record(
+            "fine_tuning", timings["fine_tuning_s"], len(dataset.train) * config.fine_tune_epochs
+        )
     clock.record("evaluation", timings["evaluation_s"], len(dataset.validation))
     return {
         "phases": clock.phases,
@@ -168,13 +186,24 @@ def cached_features(params: dict, args) -> dict:
     base = build_feature_extractor(backbone, size)
     clock.record("build", time.perf_counter() - started)
     started = time.perf_counter()
-    train = extract_features(base, dataset.train, size, views=views,
-                             augmentation=params.get("augmentation", "natural") if views > 1 else None,
-                             seed=args.seed, progress=False, backend=params.get("backend", "auto"))
-    validation = extract_features(base, dataset.validation, size, progress=False,
-                                  backend=params.get("backend", "auto"))
-    clock.record("feature_extraction", time.perf_counter() - started,
-                 len(dataset.train) * views + len(dataset.validation))
+    train = extract_features(
+        base,
+        dataset.train,
+        size,
+        views=views,
+        augmentation=params.get("augmentation", "natural") if views > 1 else None,
+        seed=args.seed,
+        progress=False,
+        backend=params.get("backend", "auto"),
+    )
+    validation = extract_features(
+        base, dataset.validation, size, progress=False, backend=params.get("backend", "auto")
+    )
+    clock.record(
+        "feature_extraction",
+        time.perf_counter() - started,
+        len(dataset.train) * views + len(dataset.validation),
+    )
     keras.utils.set_random_seed(args.seed)
     started = time.perf_counter()
     head = build_head(get_backbone(backbone).feature_width, dataset.num_classes)
@@ -192,7 +221,11 @@ def cached_features(params: dict, args) -> dict:
     }
 
 
-CONTENDERS = {"tutorial": tutorial, "tlkit_default": tlkit_default, "cached_features": cached_features}
+CONTENDERS = {
+    "tutorial": tutorial,
+    "tlkit_default": tlkit_default,
+    "cached_features": cached_features,
+}
 
 
 def plan(quick: bool) -> list[tuple[str, dict]]:
@@ -215,7 +248,9 @@ def describe(row: dict) -> str:
         return "TF tutorial (mobilenet_v2 @160, base in the loop, 10+10 epochs)"
     if name == "tlkit_default":
         backend = params.get("config", {}).get("backend")
-        return "tlkit train_run, TrainConfig() defaults" + (f", backend={backend!r}" if backend else "")
+        return "tlkit train_run, TrainConfig() defaults" + (
+            f", backend={backend!r}" if backend else ""
+        )
     text = f"cached features: {params['backbone']} @{params['image_size']}"
     if params.get("views", 1) > 1:
         text += f", {params['views']} views"
@@ -227,30 +262,53 @@ def main(argv=None) -> int:
     if args is None:
         return 0
     _common.ensure_weights(["mobilenet_v2", "efficientnet_lite0"])
-    rows = [_common.run_contender(SCRIPT, name, params, args.quick) for name, params in plan(args.quick)]
+    rows = [
+        _common.run_contender(SCRIPT, name, params, args.quick) for name, params in plan(args.quick)
+    ]
     table_rows = []
     for row in rows:
         if "error" in row:
             table_rows.append({"contender": describe(row), "phase": "error", "wall": row["error"]})
             continue
         for phase, entry in row["phases"].items():
-            table_rows.append({
-                "contender": describe(row), "phase": phase, "wall": entry["wall_s"],
-                "ips": entry.get("images_per_second", ""), "rss": entry["peak_rss_mb_so_far"],
-                "accuracy": entry.get("accuracy", ""),
-            })
-        table_rows.append({
-            "contender": describe(row), "phase": "**total**", "wall": row["total_wall_s"],
-            "rss": row["peak_rss_mb"], "accuracy": row["accuracy"],
-        })
-    table = _common.markdown_table(table_rows, [
-        ("contender", "contender"), ("phase", "phase"), ("wall", "wall s"), ("ips", "images/s"),
-        ("rss", "peak RSS MiB (process, so far)"), ("accuracy", "val accuracy (1000 images)"),
-    ])
+            table_rows.append(
+                {
+                    "contender": describe(row),
+                    "phase": phase,
+                    "wall": entry["wall_s"],
+                    "ips": entry.get("images_per_second", ""),
+                    "rss": entry["peak_rss_mb_so_far"],
+                    "accuracy": entry.get("accuracy", ""),
+                }
+            )
+        table_rows.append(
+            {
+                "contender": describe(row),
+                "phase": "**total**",
+                "wall": row["total_wall_s"],
+                "rss": row["peak_rss_mb"],
+                "accuracy": row["accuracy"],
+            }
+        )
+    table = _common.markdown_table(
+        table_rows,
+        [
+            ("contender", "contender"),
+            ("phase", "phase"),
+            ("wall", "wall s"),
+            ("ips", "images/s"),
+            ("rss", "peak RSS MiB (process, so far)"),
+            ("accuracy", "val accuracy (1000 images)"),
+        ],
+    )
     target = {"accuracy": 0.985, "total_wall_s": 60, "peak_rss_mb": 1536}
     reached = [
-        describe(r) for r in rows if "error" not in r and r["accuracy"] >= target["accuracy"]
-        and r["total_wall_s"] <= target["total_wall_s"] and r["peak_rss_mb"] < target["peak_rss_mb"]
+        describe(r)
+        for r in rows
+        if "error" not in r
+        and r["accuracy"] >= target["accuracy"]
+        and r["total_wall_s"] <= target["total_wall_s"]
+        and r["peak_rss_mb"] < target["peak_rss_mb"]
     ]
     notes = (
         f"Target: >= {target['accuracy']:.1%} on the 1000 validation images in <= "
@@ -262,8 +320,12 @@ def main(argv=None) -> int:
         "process. Tutorial unfreeze point: Keras layer 100 (`block_11_expand_relu`) -> tlkit "
         f"`{TUTORIAL_UNFREEZE_FROM}` (blocks 12..17 and head)."
     )
-    payload = {"target": target, "reached_by": reached, "contenders": rows,
-               "tutorial_unfreeze_from": TUTORIAL_UNFREEZE_FROM}
+    payload = {
+        "target": target,
+        "reached_by": reached,
+        "contenders": rows,
+        "tutorial_unfreeze_from": TUTORIAL_UNFREEZE_FROM,
+    }
     _common.write_results("tutorial_race", args, payload, table, notes)
     print(table + "\n" + notes)
     return 0

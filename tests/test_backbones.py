@@ -54,7 +54,9 @@ def _center_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
     """Resize the short side to 256 / 224 * size, then take the central square."""
     picture = Image.fromarray(image)
     scale = round(size * 256 / 224) / min(picture.size)
-    picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.BILINEAR)
+    picture = picture.resize(
+        (round(picture.width * scale), round(picture.height * scale)), Image.BILINEAR
+    )
     left, top = (picture.width - size) // 2, (picture.height - size) // 2
     return np.asarray(picture.crop((left, top, left + size, top + size)), dtype=np.float32)
 
@@ -123,7 +125,9 @@ def test_layout_follows_the_checkpoint(name):
         assert model.get_layer("stem_pad").padding == ((1, 1), (1, 1))
         assert model.get_layer("stem_conv").padding == "valid"
         # Every spatial convolution is preceded by its own symmetric pad.
-        depthwise = [layer for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
+        depthwise = [
+            layer for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)
+        ]
         assert len(pads) == len(depthwise) + 1
     else:
         assert pads == []
@@ -136,13 +140,21 @@ def test_torchvision_layout_differs_from_keras_mobilenet_v2():
     # Why keras.applications.MobileNetV2 cannot take torchvision's weights: it pads
     # stride-2 convolutions on the bottom/right only and uses BatchNorm epsilon 1e-3.
     ours = build_backbone("mobilenet_v2", image_size=64, weights=None)
-    theirs = keras.applications.MobileNetV2(input_shape=(64, 64, 3), include_top=False, weights=None)
+    theirs = keras.applications.MobileNetV2(
+        input_shape=(64, 64, 3), include_top=False, weights=None
+    )
 
     def norms(model):
-        return {layer.epsilon for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
+        return {
+            layer.epsilon
+            for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        }
 
     def pads(model):
-        return {layer.padding for layer in model.layers if isinstance(layer, keras.layers.ZeroPadding2D)}
+        return {
+            layer.padding for layer in model.layers if isinstance(layer, keras.layers.ZeroPadding2D)
+        }
 
     assert norms(theirs) == {1e-3} and norms(ours) == {1e-5}
     assert pads(theirs) == {((0, 1), (0, 1))} and pads(ours) == {((1, 1), (1, 1))}
@@ -255,7 +267,9 @@ def test_preprocessing_modes(mode):
     assert isinstance(revived, ImagePreprocessing) and revived.mode == mode
 
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(2).map(layer)
-    np.testing.assert_allclose(next(iter(dataset)).numpy()[0, 0, 0], EXPECTED[mode], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        next(iter(dataset)).numpy()[0, 0, 0], EXPECTED[mode], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_preprocessing_accepts_uint8_and_rejects_unknown_mode():

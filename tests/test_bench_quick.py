@@ -26,7 +26,10 @@ def test_benchmark_runs_in_quick_mode(name, shared_datasets, tlkit_cache_dir, tm
     environment = {**os.environ, "QUICK": "1", "TLKIT_DATA_DIR": str(shared_datasets)}
     completed = subprocess.run(
         [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--results", str(tmp_path)],
-        env=environment, capture_output=True, text=True, timeout=900,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     record = json.loads((tmp_path / f"{name}.json").read_text())

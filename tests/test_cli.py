@@ -43,9 +43,20 @@ def image_folder(tmp_path_factory):
 def trained(image_folder, tmp_path_factory, tlkit_cache_dir):
     run = tmp_path_factory.mktemp("runs") / "colours-run"
     argv = [
-        "train", str(image_folder), "--backbone", "mobilenet_v2", "--image-size", "64",
+        "train",
+        str(image_folder),
+        "--backbone",
+        "mobilenet_v2",
+        "--image-size",
+        "64",
         # 20 head epochs on cached features cost ~2 s and separate the colours.
-        "--epochs", "20", "--fine-tune-epochs", "1", "--out", str(run), "--no-progress",
+        "--epochs",
+        "20",
+        "--fine-tune-epochs",
+        "1",
+        "--out",
+        str(run),
+        "--no-progress",
     ]
     code, stdout, stderr = _run(argv)
     return run, argv, code, stdout, stderr
@@ -65,10 +76,16 @@ def test_train_writes_a_complete_run_folder(trained):
     assert metrics["accuracy"] == 1.0  # Red against blue: ImageNet features separate them.
     assert set(metrics["per_class"]) == {"blue", "red"}
     assert np.asarray(metrics["confusion_matrix"]).shape == (2, 2)
-    assert np.asarray(metrics["confusion_matrix"]).sum() == metrics["dataset"]["sizes"]["validation"]
-    assert {"build_s", "feature_extraction_s", "head_training_s", "fine_tuning_s", "total_s"} <= set(
-        metrics["timings"]
+    assert (
+        np.asarray(metrics["confusion_matrix"]).sum() == metrics["dataset"]["sizes"]["validation"]
     )
+    assert {
+        "build_s",
+        "feature_extraction_s",
+        "head_training_s",
+        "fine_tuning_s",
+        "total_s",
+    } <= set(metrics["timings"])
     assert {"tlkit", "tensorflow", "keras", "numpy", "python"} <= set(metrics["versions"])
     assert metrics["seed"] == 42
     assert metrics["config"]["backbone"] == "mobilenet_v2" and metrics["config"]["image_size"] == 64
@@ -95,7 +112,9 @@ def test_predict_prints_class_names(trained, image_folder):
     run, _, code, _, _ = trained
     assert code == 0
     images = [image_folder / "red" / "red_00.png", image_folder / "blue" / "blue_00.png"]
-    status, stdout, stderr = _run(["predict", str(run / "model.keras"), *map(str, images), "--top-k", "2"])
+    status, stdout, stderr = _run(
+        ["predict", str(run / "model.keras"), *map(str, images), "--top-k", "2"]
+    )
     assert status == 0, stderr
     lines = stdout.strip().splitlines()
     assert len(lines) == 2
@@ -105,7 +124,9 @@ def test_predict_prints_class_names(trained, image_folder):
         names = [item.rsplit(" ", 1)[0] for item in ranked.split(", ")]
         scores = [float(item.rsplit(" ", 1)[1]) for item in ranked.split(", ")]
         assert names == [expected, ({"red", "blue"} - {expected}).pop()]
-        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=2e-3)
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(
+            1.0, abs=2e-3
+        )
 
 
 def test_predict_missing_model(tmp_path, capsys):

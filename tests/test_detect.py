@@ -163,7 +163,9 @@ def test_draw_boxes_returns_a_figure():
 def _square_images(folder, shape=(128, 128), side=40, placements=None, prefix="square"):
     """One image per placement (colour, (x, y)) with one coloured square on grey."""
     placements = placements or [
-        ((230, 30, 30), (10, 20)), ((30, 200, 30), (60, 50)), ((30, 30, 230), (30, 70)),
+        ((230, 30, 30), (10, 20)),
+        ((30, 200, 30), (60, 50)),
+        ((30, 30, 230), (30, 70)),
     ]
     examples = []
     for label, (colour, (x, y)) in enumerate(placements):
@@ -173,7 +175,9 @@ def _square_images(folder, shape=(128, 128), side=40, placements=None, prefix="s
         Image.fromarray(image).save(path)
         examples.append(
             DetectionExample(
-                str(path), np.array([[x, y, x + side, y + side]], "float32"), np.array([label], "int32")
+                str(path),
+                np.array([[x, y, x + side, y + side]], "float32"),
+                np.array([label], "int32"),
             )
         )
     return examples
@@ -217,8 +221,14 @@ def test_trained_detector_saves_and_loads_with_identical_boxes(tmp_path):
     keras.utils.set_random_seed(0)
     examples = _tiny_square_examples(tmp_path)
     detector = detect.build_detector(
-        "mobilenet_v2", num_classes=2, image_size=(64, 96), weights=None, head_width=16,
-        head_depth=1, anchor_scale=3.0, class_names=["red", "blue"],
+        "mobilenet_v2",
+        num_classes=2,
+        image_size=(64, 96),
+        weights=None,
+        head_width=16,
+        head_depth=1,
+        anchor_scale=3.0,
+        class_names=["red", "blue"],
     )
     data = detect.prepare_detection_data(detector, examples)
     head_before = [w.copy() for w in detector.get_layer("detection_head").get_weights()]

@@ -41,7 +41,9 @@ def _image_model(name: str, seed: int, hidden: int = 0) -> keras.Model:
     x = keras.layers.Flatten()(x)
     if hidden:
         x = keras.layers.Dense(hidden, activation="relu", kernel_initializer=initializer)(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", kernel_initializer=initializer)(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", kernel_initializer=initializer)(
+        x
+    )
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -64,7 +66,9 @@ def test_loss_equals_hand_computation():
     teacher = np.array([[3.0, 1.0, 0.0], [-1.0, 0.0, 2.5]], np.float32)
     for alpha, temperature in [(0.1, 3.0), (0.5, 1.0), (1.0, 2.0), (0.0, 4.0)]:
         loss = float(distillation_loss(labels, student, teacher, alpha, temperature))
-        assert loss == pytest.approx(_hand_loss(labels, student, teacher, alpha, temperature), rel=1e-5)
+        assert loss == pytest.approx(
+            _hand_loss(labels, student, teacher, alpha, temperature), rel=1e-5
+        )
 
 
 def test_distiller_loss_equals_hand_computation_with_probability_outputs():
@@ -80,7 +84,9 @@ def test_distiller_loss_equals_hand_computation_with_probability_outputs():
     )
     assert float(loss) == pytest.approx(_hand_loss(labels, student, teacher, 0.3, 2.5), rel=1e-5)
     # Evaluation is the student's hard-label cross-entropy only.
-    hard = distiller.compute_loss(y=labels, y_pred=_softmax(student).astype(np.float32), training=False)
+    hard = distiller.compute_loss(
+        y=labels, y_pred=_softmax(student).astype(np.float32), training=False
+    )
     assert float(hard) == pytest.approx(_hand_loss(labels, student, student, 1.0, 1.0), rel=1e-5)
 
 
@@ -130,14 +136,18 @@ def test_teacher_frozen_student_trained_and_saveable(image_split, tmp_path):
     student_before = [w.copy() for w in student.get_weights()]
     distiller = Distiller(student, teacher)
     distiller.compile(keras.optimizers.Adam(1e-2), alpha=0.1, temperature=3)
-    history = distiller.fit(image_split.to_dataset(8, batch_size=8), epochs=2, shuffle=False, verbose=0)
+    history = distiller.fit(
+        image_split.to_dataset(8, batch_size=8), epochs=2, shuffle=False, verbose=0
+    )
     assert np.isfinite(history.history["loss"]).all() and "accuracy" in history.history
     for before, after in zip(teacher_before, teacher.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
     assert any(
         not np.array_equal(b, a) for b, a in zip(student_before, student.get_weights(), strict=True)
     )
-    results = distiller.evaluate(image_split.to_dataset(8, batch_size=8), verbose=0, return_dict=True)
+    results = distiller.evaluate(
+        image_split.to_dataset(8, batch_size=8), verbose=0, return_dict=True
+    )
     assert set(results) == {"loss", "accuracy"}
 
     path = tmp_path / "student.keras"
@@ -232,7 +242,11 @@ def test_good_teacher_helps_on_few_labels():
     alone.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
     # One epoch over `steps` copies of the 30 examples: `steps` full-batch updates.
     alone.fit(
-        np.tile(x_train, (steps, 1)), np.tile(y_train, steps), batch_size=30, shuffle=False, verbose=0
+        np.tile(x_train, (steps, 1)),
+        np.tile(y_train, steps),
+        batch_size=30,
+        shuffle=False,
+        verbose=0,
     )
 
     student = student_model()
@@ -284,7 +298,9 @@ def test_distillation_dataset_hides_labels_outside_labelled(image_split):
     mask = np.zeros(len(image_split), dtype=bool)
     mask[[0, 5, 7]] = True
     for labelled in (mask, np.array([7, 0, 5])):
-        dataset = distillation_dataset(image_split, logits, 8, batch_size=100, shuffle=False, labelled=labelled)
+        dataset = distillation_dataset(
+            image_split, logits, 8, batch_size=100, shuffle=False, labelled=labelled
+        )
         _, (labels, _) = next(iter(dataset))
         expected = np.where(mask, image_split.labels, -1)
         np.testing.assert_array_equal(labels.numpy(), expected)

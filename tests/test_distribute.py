@@ -62,8 +62,15 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_mirrored_on_two_logical_cpus_matches_one_device(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "TLKIT_CACHE_DIR": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **__import__("os").environ,
+            "TLKIT_CACHE_DIR": str(tmp_path),
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        },
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -80,9 +80,7 @@ def test_grad_cam_earlier_layer_has_larger_map():
 
 
 def test_grad_cam_keras_applications_base():
-    model = tlkit.build_classifier(
-        "mobilenet_v2_keras", num_classes=2, image_size=64, weights=None
-    )
+    model = tlkit.build_classifier("mobilenet_v2_keras", num_classes=2, image_size=64, weights=None)
     images = np.random.default_rng(2).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
     heatmaps = grad_cam(model, images)
     assert heatmaps.shape == (1, 2, 2)
@@ -109,7 +107,9 @@ def test_grad_cam_rejects_a_single_image_and_non_tlkit_models():
     model = _random_classifier(image_size=64)
     with pytest.raises(ValueError, match=r"images\[None\]"):
         grad_cam(model, np.zeros((64, 64, 3)))
-    plain = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    plain = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
     with pytest.raises(ValueError, match="build_classifier"):
         grad_cam(plain, np.zeros((1, 8, 8, 3)))
 

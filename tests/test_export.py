@@ -32,14 +32,20 @@ def _colour_images(count: int, seed: int, size: int = SIZE) -> tuple[np.ndarray,
     labels = np.arange(count) % len(CLASS_NAMES)
     images = rng.uniform(0, 90, (count, size, size, 3))
     shade = rng.uniform(150, 255, count)
-    images[np.arange(count), :, :, np.array(CHANNELS)[labels]] = shade[:, None, None] - rng.uniform(0, 40, (count, size, size))
+    images[np.arange(count), :, :, np.array(CHANNELS)[labels]] = shade[:, None, None] - rng.uniform(
+        0, 40, (count, size, size)
+    )
     return images.clip(0, 255).astype("uint8"), labels.astype("int32")
 
 
 def _build(weights=None, augmentation="natural"):
     keras.utils.set_random_seed(0)
     return tlkit.build_classifier(
-        "mobilenet_v2", 3, image_size=SIZE, augmentation=augmentation, weights=weights,
+        "mobilenet_v2",
+        3,
+        image_size=SIZE,
+        augmentation=augmentation,
+        weights=weights,
         class_names=CLASS_NAMES,
     )
 
@@ -156,9 +162,17 @@ def test_labels_appended_to_a_flatbuffer_read_back(tmp_path):
 def test_export_writes_every_format_and_the_report(exported):
     out, report, images, _ = exported
     names = sorted(path.name for path in out.iterdir())
-    expected = ["saved_model", "model.tflite", "model_int8.tflite", "labels.txt", "export_report.json"]
+    expected = [
+        "saved_model",
+        "model.tflite",
+        "model_int8.tflite",
+        "labels.txt",
+        "export_report.json",
+    ]
     assert names == sorted(expected + (["model.onnx"] if HAS_ONNX_TOOLS else []))
-    assert not [path for path in out.parent.iterdir() if path.name.startswith(".")]  # no staging left
+    assert not [
+        path for path in out.parent.iterdir() if path.name.startswith(".")
+    ]  # no staging left
     assert (out / "labels.txt").read_text().splitlines() == CLASS_NAMES
     saved = json.loads((out / "export_report.json").read_text())
     assert saved["class_names"] == CLASS_NAMES
@@ -223,12 +237,15 @@ def test_tflite_files_load_and_carry_the_labels(exported, trained):
         np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=0.02)
     np.testing.assert_allclose(
         export._tflite_predictor(out / "model.tflite")(images[:8]),
-        trained.predict(images[:8], verbose=0), atol=1e-4,
+        trained.predict(images[:8], verbose=0),
+        atol=1e-4,
     )
 
 
 @pytest.mark.slow
-def test_export_command_checks_on_a_folder_and_replaces_an_earlier_export(trained, tmp_path, capsys):
+def test_export_command_checks_on_a_folder_and_replaces_an_earlier_export(
+    trained, tmp_path, capsys
+):
     model_path = tmp_path / "model.keras"
     trained.save(model_path)
     images, labels = _colour_images(12, seed=4, size=80)  # resized by the loader
@@ -254,11 +271,17 @@ def test_export_command_checks_on_a_folder_and_replaces_an_earlier_export(traine
         export.export_command(model_path, tmp_path / "new", data=str(tmp_path / "other"))
     assert not (tmp_path / "new").exists()
 
-    status = export.export_command(model_path, out, data=data, formats=["saved_model"], overwrite=True)
+    status = export.export_command(
+        model_path, out, data=data, formats=["saved_model"], overwrite=True
+    )
     assert status == 0
     printed = capsys.readouterr().out
     assert "saved_model" in printed and "Checking on 3 validation images" in printed
-    assert sorted(path.name for path in out.iterdir()) == ["export_report.json", "labels.txt", "saved_model"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "export_report.json",
+        "labels.txt",
+        "saved_model",
+    ]
     report = json.loads((out / "export_report.json").read_text())
     assert report["check_examples"] == 3
     assert report["results"][0]["top1_agreement"] == 1.0

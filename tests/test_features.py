@@ -133,9 +133,13 @@ def test_feature_set_dataset_keeps_pairs_when_shuffled():
 
 
 def test_every_backend_gives_the_same_features(base, split):
-    plain = extract_features(base, split, batch_size=4, cache=False, progress=False, backend="keras")
+    plain = extract_features(
+        base, split, batch_size=4, cache=False, progress=False, backend="keras"
+    )
     for backend in ("xla", "litert", "auto"):
-        other = extract_features(base, split, batch_size=4, cache=False, progress=False, backend=backend)
+        other = extract_features(
+            base, split, batch_size=4, cache=False, progress=False, backend=backend
+        )
         np.testing.assert_allclose(other.features, plain.features, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="backend must be one of"):
         extract_features(base, split, cache=False, progress=False, backend="onnx")
@@ -172,7 +176,9 @@ def test_build_upper_classifier_trains_only_non_batch_norm_layers():
     assert not batch_norms and model.trainable_weights
     frozen = base.get_layer("block17_project_bn").moving_mean.numpy().copy()
     before = base.get_layer("block17_project_conv").kernel.numpy().copy()
-    activations = lower(np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32"))
+    activations = lower(
+        np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
+    )
     model.fit(activations, np.array([0, 1, 0, 1]), epochs=1, verbose=0)
     assert not np.array_equal(base.get_layer("block17_project_conv").kernel.numpy(), before)
     np.testing.assert_array_equal(base.get_layer("block17_project_bn").moving_mean.numpy(), frozen)

@@ -47,7 +47,9 @@ def test_changed_weights_are_converted_again(images, tmp_path):
     kernel.assign(kernel.numpy() * 2.0)
     after = litert.LiteRTModel(random_base, cache=tmp_path)
     assert not after.from_cache and after.path != before.path
-    np.testing.assert_allclose(after(images), random_base.predict(images, verbose=0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        after(images), random_base.predict(images, verbose=0), rtol=1e-4, atol=1e-3
+    )
 
 
 def test_a_wrong_conversion_is_refused(base, monkeypatch):
@@ -69,11 +71,15 @@ def test_bad_inputs_get_clear_errors(base, images, tmp_path):
         litert.LiteRTModel(base, cache=tmp_path, batch_size=0)
 
 
-def test_auto_backend_converts_when_it_pays_off_and_falls_back_to_keras(base, images, monkeypatch, tmp_path):
+def test_auto_backend_converts_when_it_pays_off_and_falls_back_to_keras(
+    base, images, monkeypatch, tmp_path
+):
     from tlkit import features
 
     assert litert.available()
-    split = ImageSplit("train", ["a", "b"], np.arange(len(images)) % 2, images=images.astype(np.uint8))
+    split = ImageSplit(
+        "train", ["a", "b"], np.arange(len(images)) % 2, images=images.astype(np.uint8)
+    )
     keras_features = extract_features(base, split, cache=False, progress=False, backend="keras")
     calls = []
     original = litert.LiteRTModel

@@ -112,11 +112,16 @@ def test_unfreeze_two_blocks_keeps_batch_norm_frozen(classifier):
     assert chosen == ["block17", "head"]
     trainable_layers = {layer.name for layer in base.layers if layer.trainable_weights}
     assert trainable_layers == {
-        "block17_expand_conv", "block17_depthwise_conv", "block17_project_conv", "head_conv",
+        "block17_expand_conv",
+        "block17_depthwise_conv",
+        "block17_project_conv",
+        "head_conv",
     }
     norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 52 and not any(layer.trainable for layer in norms)
-    assert float(keras.ops.convert_to_numpy(classifier.optimizer.learning_rate)) == pytest.approx(3e-4)
+    assert float(keras.ops.convert_to_numpy(classifier.optimizer.learning_rate)) == pytest.approx(
+        3e-4
+    )
 
 
 def test_unfreeze_by_name_list_and_all(classifier):
@@ -136,7 +141,12 @@ def test_unfreeze_by_name_list_and_all(classifier):
 
 @pytest.mark.parametrize(
     ("blocks", "message"),
-    [("block99", "Unknown block"), (["stem", "nope"], "Unknown blocks"), (20, "between 0 and 19"), (-1, "between")],
+    [
+        ("block99", "Unknown block"),
+        (["stem", "nope"], "Unknown blocks"),
+        (20, "between 0 and 19"),
+        (-1, "between"),
+    ],
 )
 def test_unfreeze_rejects_bad_blocks(pretrained_classifier, blocks, message):
     with pytest.raises(ValueError, match=message):
@@ -161,8 +171,13 @@ def test_fine_tune_moves_only_unfrozen_kernels_and_never_batch_norm():
 
     # One step with the base frozen, then one with the last two blocks unfrozen.
     histories = fine_tune(
-        classifier, _batches(), epochs=1, freeze_epochs=1, blocks=2,
-        fine_tune_learning_rate=1e-2, verbose=0,
+        classifier,
+        _batches(),
+        epochs=1,
+        freeze_epochs=1,
+        blocks=2,
+        fine_tune_learning_rate=1e-2,
+        verbose=0,
     )
 
     assert set(histories) == {"head", "fine_tune"}
@@ -172,8 +187,12 @@ def test_fine_tune_moves_only_unfrozen_kernels_and_never_batch_norm():
     for key, value in norms_before.items():  # gamma, beta, moving mean and variance.
         np.testing.assert_array_equal(norms_after[key], value, err_msg=key)
     assert not np.array_equal(base.get_layer("head_conv").kernel.numpy(), unfrozen_before)
-    np.testing.assert_array_equal(base.get_layer("block16_project_conv").kernel.numpy(), frozen_before)
-    assert float(keras.ops.convert_to_numpy(classifier.optimizer.learning_rate)) == pytest.approx(1e-2)
+    np.testing.assert_array_equal(
+        base.get_layer("block16_project_conv").kernel.numpy(), frozen_before
+    )
+    assert float(keras.ops.convert_to_numpy(classifier.optimizer.learning_rate)) == pytest.approx(
+        1e-2
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -201,8 +220,15 @@ def test_fine_tune_cached_trains_the_top_blocks_and_assembles_the_classifier(tmp
     dense_before = head.get_layer("predictions").kernel.numpy().copy()
 
     model, history = fine_tune_cached(
-        base, head, split, validation_split=split, views=2, epochs=2, learning_rate=1e-2,
-        cache=tmp_path, progress=False,
+        base,
+        head,
+        split,
+        validation_split=split,
+        views=2,
+        epochs=2,
+        learning_rate=1e-2,
+        cache=tmp_path,
+        progress=False,
     )
 
     assert len(history["loss"]) == 2 and len(history["val_accuracy"]) == 2
@@ -210,7 +236,9 @@ def test_fine_tune_cached_trains_the_top_blocks_and_assembles_the_classifier(tmp
     assert not np.array_equal(base.get_layer("block17_project_conv").kernel.numpy(), top_before)
     assert not np.array_equal(base.get_layer("head_conv").kernel.numpy(), head_conv_before)
     assert not np.array_equal(head.get_layer("predictions").kernel.numpy(), dense_before)
-    np.testing.assert_array_equal(base.get_layer("block16_project_conv").kernel.numpy(), below_before)
+    np.testing.assert_array_equal(
+        base.get_layer("block16_project_conv").kernel.numpy(), below_before
+    )
     norms_after = _bn_values(base)
     assert norms_after.keys() == norms_before.keys()
     for key, value in norms_before.items():  # gamma, beta, moving mean and variance.
@@ -231,8 +259,14 @@ def test_fine_tune_cached_trains_the_top_blocks_and_assembles_the_classifier(tmp
     cached = sorted(tmp_path.iterdir())
     assert len(cached) == 2  # Train (2 views) and validation.
     _, history = fine_tune_cached(
-        _random_base(), build_head(1280, 3), split, indices=[0, 1, 2], views=2, epochs=1,
-        cache=tmp_path, progress=False,
+        _random_base(),
+        build_head(1280, 3),
+        split,
+        indices=[0, 1, 2],
+        views=2,
+        epochs=1,
+        cache=tmp_path,
+        progress=False,
     )
     assert sorted(tmp_path.iterdir()) == cached and len(history["loss"]) == 1
 
@@ -243,7 +277,14 @@ def test_fine_tune_cached_passes_class_weights_to_training(tmp_path):
     top_before = base.get_layer("block17_project_conv").kernel.numpy().copy()
     # Every class weighted 0: no loss, no gradient, nothing moves.
     _, history = fine_tune_cached(
-        base, head, split, views=1, epochs=1, learning_rate=1e-2, cache=tmp_path, progress=False,
+        base,
+        head,
+        split,
+        views=1,
+        epochs=1,
+        learning_rate=1e-2,
+        cache=tmp_path,
+        progress=False,
         class_weight={0: 0.0, 1: 0.0, 2: 0.0},
     )
     assert history["loss"] == [0.0]
@@ -272,7 +313,9 @@ def test_fine_tune_cached_rejects_bad_arguments(random_base, tmp_path, arguments
     arguments = {"head": (1280, 3), "views": 1, "epochs": 1, **arguments}
     arguments["head"] = build_head(*arguments["head"])
     with pytest.raises(ValueError, match=message):
-        fine_tune_cached(random_base, train_split=_image_split(), cache=tmp_path, progress=False, **arguments)
+        fine_tune_cached(
+            random_base, train_split=_image_split(), cache=tmp_path, progress=False, **arguments
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +330,10 @@ def test_save_and_safe_load_round_trip(classifier, tmp_path):
     loaded = tlkit.load_classifier(path)
     images = _images(3, size=72, seed=5)
     np.testing.assert_allclose(
-        loaded.predict(images, verbose=0), classifier.predict(images, verbose=0), rtol=1e-6, atol=1e-7
+        loaded.predict(images, verbose=0),
+        classifier.predict(images, verbose=0),
+        rtol=1e-6,
+        atol=1e-7,
     )
     assert get_class_names(loaded) == CLASS_NAMES
     assert get_class_names(find_base(loaded)) is None
@@ -303,8 +349,12 @@ def test_augmentation_is_inactive_in_predict():
     keras.utils.set_random_seed(0)
     base = tlkit.build_feature_extractor("mobilenet_v2", SIZE, weights=None)
     augmentation = tlkit.build_augmentation("natural", seed=1)
-    augmented = tlkit.build_classifier("mobilenet_v2", 3, SIZE, augmentation=augmentation, base=base)
-    plain = tlkit.build_classifier("mobilenet_v2", 3, SIZE, base=base, head=augmented.get_layer("head"))
+    augmented = tlkit.build_classifier(
+        "mobilenet_v2", 3, SIZE, augmentation=augmentation, base=base
+    )
+    plain = tlkit.build_classifier(
+        "mobilenet_v2", 3, SIZE, base=base, head=augmented.get_layer("head")
+    )
     images = _images(4, seed=3)
     # The layer really augments in training mode...
     assert not np.allclose(augmentation(images, training=True), images)

@@ -30,9 +30,26 @@ def tiny_folder(tmp_path_factory):
 
 def _command(data, out, *extra):
     return [
-        sys.executable, "-m", "tlkit", "train", str(data), "--backbone", "mobilenet_v2",
-        "--image-size", "64", "--epochs", "2", "--fine-tune-epochs", "4", "--batch-size", "4",
-        "--out", str(out), "--no-progress", "--deterministic", *extra,
+        sys.executable,
+        "-m",
+        "tlkit",
+        "train",
+        str(data),
+        "--backbone",
+        "mobilenet_v2",
+        "--image-size",
+        "64",
+        "--epochs",
+        "2",
+        "--fine-tune-epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--deterministic",
+        *extra,
     ]
 
 
@@ -50,12 +67,16 @@ def _state(out):
 def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tiny_folder, tmp_path):
     environment = _environment(tmp_path / "cache")
     reference = tmp_path / "reference"
-    subprocess.run(_command(tiny_folder, reference), env=environment, check=True, capture_output=True)
+    subprocess.run(
+        _command(tiny_folder, reference), env=environment, check=True, capture_output=True
+    )
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
-        _command(tiny_folder, interrupted), env=environment,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _command(tiny_folder, interrupted),
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while _state(interrupted).get("fine_tune_epochs_done", 0) < 1:
@@ -70,7 +91,9 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tiny_folder, tmp_pa
     assert not (interrupted / "model.keras").exists()
 
     subprocess.run(
-        _command(tiny_folder, interrupted, "--resume"), env=environment, check=True,
+        _command(tiny_folder, interrupted, "--resume"),
+        env=environment,
+        check=True,
         capture_output=True,
     )
     expected = json.loads((reference / "metrics.json").read_text())
@@ -78,7 +101,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(tiny_folder, tmp_pa
     assert resumed["resumed"] is True and expected["resumed"] is False
     assert resumed["accuracy"] == expected["accuracy"]
     np.testing.assert_allclose(
-        resumed["histories"]["fine_tune"]["loss"], expected["histories"]["fine_tune"]["loss"],
+        resumed["histories"]["fine_tune"]["loss"],
+        expected["histories"]["fine_tune"]["loss"],
         rtol=1e-5,
     )
 
@@ -88,7 +112,9 @@ def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tiny_fold
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     environment = _environment(tmp_path / "cache")
-    refused = subprocess.run(_command(tiny_folder, out), env=environment, capture_output=True, text=True)
+    refused = subprocess.run(
+        _command(tiny_folder, out), env=environment, capture_output=True, text=True
+    )
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
     assert (out / "notes.txt").read_text() == "mine"
     nothing = subprocess.run(
@@ -102,7 +128,11 @@ def test_same_seed_same_metrics(tiny_folder, tmp_path):
 
     dataset = tlkit.data.from_directory(tiny_folder, validation_split=0.25, seed=1)
     config = tlkit.TrainConfig(
-        backbone="mobilenet_v2", image_size=64, epochs=3, fine_tune_epochs=1, batch_size=4,
+        backbone="mobilenet_v2",
+        image_size=64,
+        epochs=3,
+        fine_tune_epochs=1,
+        batch_size=4,
         deterministic=True,
     )
     first = tlkit.train_run(dataset, config, progress=False, log=lambda *_: None)

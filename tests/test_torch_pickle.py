@@ -84,7 +84,14 @@ class _Tensor:
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     def __reduce__(self):
-        arguments = (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict())
+        arguments = (
+            self.storage,
+            self.offset,
+            self.size,
+            self.stride,
+            False,
+            collections.OrderedDict(),
+        )
         return _rebuild_tensor_v2, arguments
 
 
@@ -171,7 +178,9 @@ def test_reads_views_offsets_and_dtypes_exactly(small_state_file):
     path, _ = small_state_file
     state = load_state_dict(str(path))
     assert list(state) == ["transposed", "tail", "bias", "num_batches_tracked"]
-    np.testing.assert_array_equal(state["transposed"], np.arange(6, dtype=np.float32).reshape(3, 2).T)
+    np.testing.assert_array_equal(
+        state["transposed"], np.arange(6, dtype=np.float32).reshape(3, 2).T
+    )
     np.testing.assert_array_equal(state["tail"], [[6, 7], [8, 9]])
     np.testing.assert_array_equal(state["bias"], [0.5, -1.5])
     assert state["transposed"].dtype == np.float32

@@ -26,8 +26,11 @@ def _split(name, count, seed):
 @pytest.mark.slow
 def test_evaluation_from_cached_features_equals_the_model_on_images():
     dataset = ImageDataset(
-        "colours", ["red", "green", "blue"],
-        _split("train", 18, 0), _split("validation", 9, 1), _split("test", 12, 2),
+        "colours",
+        ["red", "green", "blue"],
+        _split("train", 18, 0),
+        _split("validation", 9, 1),
+        _split("test", 12, 2),
     )
     config = tlkit.TrainConfig(backbone="mobilenet_v2", image_size=SIZE, epochs=2, backend="keras")
     result = tlkit.train_run(dataset, config, progress=False, log=lambda *_: None)

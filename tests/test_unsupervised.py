@@ -41,8 +41,12 @@ def test_reconstruction_loss_decreases():
     keras.utils.set_random_seed(0)
     images = _images()
     autoencoder, history = pretrain_autoencoder(
-        images, build_autoencoder(SIZE, filters=(8, 16)), epochs=6, batch_size=16,
-        learning_rate=3e-3, validation_data=images[:16],
+        images,
+        build_autoencoder(SIZE, filters=(8, 16)),
+        epochs=6,
+        batch_size=16,
+        learning_rate=3e-3,
+        validation_data=images[:16],
     )
     assert len(history["loss"]) == 6 and "val_loss" in history
     # Measured: 0.050 -> 0.038 over 6 epochs, falling every epoch.
@@ -78,7 +82,9 @@ def test_encoder_weights_are_shared_with_the_classifier():
     kernel = encoder.get_layer("block1_down_conv").kernel.numpy()
     assert not np.array_equal(kernel, before[0])
     # The autoencoder sees the fine-tuned encoder: one set of weights.
-    np.testing.assert_array_equal(autoencoder.get_layer("encoder").get_layer("block1_down_conv").kernel.numpy(), kernel)
+    np.testing.assert_array_equal(
+        autoencoder.get_layer("encoder").get_layer("block1_down_conv").kernel.numpy(), kernel
+    )
 
 
 def test_classifier_takes_any_image_size_and_a_trained_head():
@@ -96,9 +102,15 @@ def test_classifier_takes_any_image_size_and_a_trained_head():
         (lambda: build_autoencoder(30, filters=(8, 16)), "image_size=30"),
         (lambda: build_autoencoder(32, filters=()), "filters=()"),
         (lambda: pretrain_autoencoder("photos/", image_size=SIZE), "data=str"),
-        (lambda: pretrain_autoencoder(np.zeros((2, 8, 8)), image_size=SIZE), r"data.shape=\(2, 8, 8\)"),
+        (
+            lambda: pretrain_autoencoder(np.zeros((2, 8, 8)), image_size=SIZE),
+            r"data.shape=\(2, 8, 8\)",
+        ),
         (lambda: pretrain_autoencoder(np.zeros((2, 8, 8, 3)), epochs=0), "epochs=0"),
-        (lambda: encoder_classifier(build_autoencoder(SIZE).get_layer("encoder"), 1), "num_classes=1"),
+        (
+            lambda: encoder_classifier(build_autoencoder(SIZE).get_layer("encoder"), 1),
+            "num_classes=1",
+        ),
     ],
 )
 def test_bad_arguments(call, match):

@@ -30,7 +30,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # Keep every suffix (".weights.h5"): Keras checks file names by suffix.
     suffixes = "".join(path.suffixes)
     base = path.name[: len(path.name) - len(suffixes)] if suffixes else path.name
-    handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffixes}", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{base}.", suffix=f".tmp{suffixes}", dir=path.parent
+    )
     os.close(handle)
     os.unlink(temporary)  # Some writers refuse to overwrite; let them create it.
     temporary = Path(temporary)

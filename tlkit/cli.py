@@ -35,33 +35,98 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
 
     train = commands.add_parser(
-        "train", help="train a classifier on a folder of images or a named dataset",
+        "train",
+        help="train a classifier on a folder of images or a named dataset",
         description="Trains a frozen-base classifier with the feature cache, optionally "
         "fine-tunes the top blocks, evaluates and writes a run folder.",
     )
     train.add_argument(
-        "data", nargs="?", default=None,
+        "data",
+        nargs="?",
+        default=None,
         help="a class-per-folder image directory, or a dataset name (see `datasets`). "
         f"Default: {DEMO_DATASET} when available, else the embedded {FALLBACK_DATASET}.",
     )
-    train.add_argument("--backbone", default="efficientnet_lite0", help="see `backbones` (default: %(default)s)")
-    train.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's)")
-    train.add_argument("--epochs", type=int, default=20, help="head epochs on cached features (default: %(default)s)")
-    train.add_argument("--fine-tune-epochs", type=int, default=0, help="epochs with the top blocks unfrozen (default: %(default)s)")
-    train.add_argument("--fine-tune-blocks", type=int, default=2, help="blocks to unfreeze (default: %(default)s)")
-    train.add_argument("--views", type=int, default=1, help="feature views per training image, extra ones augmented (default: %(default)s)")
-    train.add_argument("--augmentation", default="natural", help="augmentation preset (default: %(default)s)")
+    train.add_argument(
+        "--backbone", default="efficientnet_lite0", help="see `backbones` (default: %(default)s)"
+    )
+    train.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size in pixels (default: the backbone's)",
+    )
+    train.add_argument(
+        "--epochs",
+        type=int,
+        default=20,
+        help="head epochs on cached features (default: %(default)s)",
+    )
+    train.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=0,
+        help="epochs with the top blocks unfrozen (default: %(default)s)",
+    )
+    train.add_argument(
+        "--fine-tune-blocks", type=int, default=2, help="blocks to unfreeze (default: %(default)s)"
+    )
+    train.add_argument(
+        "--views",
+        type=int,
+        default=1,
+        help="feature views per training image, extra ones augmented (default: %(default)s)",
+    )
+    train.add_argument(
+        "--augmentation", default="natural", help="augmentation preset (default: %(default)s)"
+    )
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--validation-split", type=float, default=0.2, help="for folders without a validation split (default: %(default)s)")
-    train.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<backbone>)")
-    train.add_argument("--overwrite", action="store_true", help="replace the files of an existing run folder")
-    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
-    train.add_argument("--backend", default="auto", choices=("auto", "keras", "xla", "litert"), help="what runs the frozen base for feature extraction; auto = LiteRT on a CPU (default: %(default)s)")
-    train.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow ops: same seed, same metrics")
-    train.add_argument("--strategy", default="none", choices=("none", "mirrored", "multi_worker", "tpu"), help="tf.distribute strategy; --batch-size is per replica (default: %(default)s)")
-    train.add_argument("--compare-scratch", action="store_true", help="also train a small CNN from scratch for the same wall time")
-    train.add_argument("--compare-seconds", type=float, default=120.0, help="minimum wall time for --compare-scratch (default: %(default)s)")
+    train.add_argument(
+        "--validation-split",
+        type=float,
+        default=0.2,
+        help="for folders without a validation split (default: %(default)s)",
+    )
+    train.add_argument(
+        "--out", default=None, help="run folder (default: runs/<dataset>-<backbone>)"
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an existing run folder"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its last checkpoint",
+    )
+    train.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "keras", "xla", "litert"),
+        help="what runs the frozen base for feature extraction; auto = LiteRT on a CPU (default: %(default)s)",
+    )
+    train.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic TensorFlow ops: same seed, same metrics",
+    )
+    train.add_argument(
+        "--strategy",
+        default="none",
+        choices=("none", "mirrored", "multi_worker", "tpu"),
+        help="tf.distribute strategy; --batch-size is per replica (default: %(default)s)",
+    )
+    train.add_argument(
+        "--compare-scratch",
+        action="store_true",
+        help="also train a small CNN from scratch for the same wall time",
+    )
+    train.add_argument(
+        "--compare-seconds",
+        type=float,
+        default=120.0,
+        help="minimum wall time for --compare-scratch (default: %(default)s)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 
@@ -74,12 +139,26 @@ def _parser() -> argparse.ArgumentParser:
     backbones = commands.add_parser("backbones", help="list the pretrained backbones")
     backbones.set_defaults(handler=_backbones)
 
-    export = commands.add_parser("export", help="export a trained model (SavedModel, LiteRT/TFLite float and int8, ONNX), checked against Keras")
+    export = commands.add_parser(
+        "export",
+        help="export a trained model (SavedModel, LiteRT/TFLite float and int8, ONNX), checked against Keras",
+    )
     export.add_argument("model", help="a model.keras written by `train`")
     export.add_argument("--out", required=True, help="the folder to write")
-    export.add_argument("--data", default=None, help="a folder or dataset name: real images to check every export against Keras and to calibrate int8")
-    export.add_argument("--formats", nargs="+", default=None, help="any of saved_model tflite tflite_int8 onnx (default: all; int8 needs --data)")
-    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.add_argument(
+        "--data",
+        default=None,
+        help="a folder or dataset name: real images to check every export against Keras and to calibrate int8",
+    )
+    export.add_argument(
+        "--formats",
+        nargs="+",
+        default=None,
+        help="any of saved_model tflite tflite_int8 onnx (default: all; int8 needs --data)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export in --out"
+    )
     export.set_defaults(handler=_export)
 
     from tlkit.preflight import add_doctor_command
@@ -134,10 +213,16 @@ def _train(arguments) -> int:
     from tlkit.training import TrainConfig, prepare_run_folder, train_run
 
     config = TrainConfig(
-        backbone=arguments.backbone, image_size=arguments.image_size, epochs=arguments.epochs,
-        fine_tune_epochs=arguments.fine_tune_epochs, fine_tune_blocks=arguments.fine_tune_blocks,
-        views=arguments.views, augmentation=arguments.augmentation,
-        batch_size=arguments.batch_size, seed=arguments.seed, backend=arguments.backend,
+        backbone=arguments.backbone,
+        image_size=arguments.image_size,
+        epochs=arguments.epochs,
+        fine_tune_epochs=arguments.fine_tune_epochs,
+        fine_tune_blocks=arguments.fine_tune_blocks,
+        views=arguments.views,
+        augmentation=arguments.augmentation,
+        batch_size=arguments.batch_size,
+        seed=arguments.seed,
+        backend=arguments.backend,
         deterministic=arguments.deterministic,
     )
     if arguments.out:
@@ -155,8 +240,13 @@ def _train(arguments) -> int:
     if dataset.report.skipped:
         print(dataset.report)
     result = train_run(
-        dataset, config, out=out, overwrite=True, resume=arguments.resume,
-        progress=not arguments.no_progress, strategy=strategy,
+        dataset,
+        config,
+        out=out,
+        overwrite=True,
+        resume=arguments.resume,
+        progress=not arguments.no_progress,
+        strategy=strategy,
     )
     print(format_summary(result.metrics))
     if arguments.compare_scratch:
@@ -166,14 +256,19 @@ def _train(arguments) -> int:
         # the transfer run takes seconds, and the comparison should not starve the CNN.
         seconds = max(result.metrics["timings"]["total_s"], arguments.compare_seconds)
         comparison = compare_with_scratch(
-            dataset, result.metrics, seconds=seconds,
-            image_size=96, seed=config.seed,
+            dataset,
+            result.metrics,
+            seconds=seconds,
+            image_size=96,
+            seed=config.seed,
         )
         result.metrics["scratch_comparison"] = comparison
         from tlkit._io import write_json
 
         write_json(out / "metrics.json", result.metrics)
-    print(f"Run written to {out}/ (model.keras, metrics.json, training_curves.png, confusion_matrix.png)")
+    print(
+        f"Run written to {out}/ (model.keras, metrics.json, training_curves.png, confusion_matrix.png)"
+    )
     return 0
 
 
@@ -191,7 +286,9 @@ def _export(arguments) -> int:
     from tlkit.export import FORMATS, export_command
 
     return export_command(
-        arguments.model, arguments.out, data=arguments.data,
+        arguments.model,
+        arguments.out,
+        data=arguments.data,
         formats=tuple(arguments.formats) if arguments.formats else FORMATS,
         overwrite=arguments.overwrite,
     )

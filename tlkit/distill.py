@@ -216,7 +216,9 @@ class Distiller(keras.Model):
         self.alpha = 0.1
         self.temperature = 3.0
 
-    def compile(self, optimizer="adam", metrics=None, alpha: float = 0.1, temperature: float = 3.0, **kwargs):
+    def compile(
+        self, optimizer="adam", metrics=None, alpha: float = 0.1, temperature: float = 3.0, **kwargs
+    ):
         """Sets the optimizer, the student's metrics and the loss weights.
 
         Args:
@@ -352,8 +354,14 @@ def teacher_logits(
     """
     from tlkit.features import _progress_bar, preprocessing_modes, weights_fingerprint
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, e.g. 64. Received: batch_size={batch_size!r}")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"batch_size must be a positive int, e.g. 64. Received: batch_size={batch_size!r}"
+        )
     image_size = image_size or teacher.input_shape[1] or 224
     path = None
     if cache is not False:
@@ -377,7 +385,9 @@ def teacher_logits(
         reduce_retracing=True,
         autograph=False,
     )
-    bar = _progress_bar(math.ceil(len(split) / batch_size), f"teacher {teacher.name} {split.name}", progress)
+    bar = _progress_bar(
+        math.ceil(len(split) / batch_size), f"teacher {teacher.name} {split.name}", progress
+    )
     result = None
     for images, indices in _indexed(split).to_dataset(image_size, batch_size=batch_size):
         logits = np.asarray(infer(images), dtype=np.float32)

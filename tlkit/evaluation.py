@@ -176,12 +176,18 @@ def images_per_second(
 
     import tensorflow as tf
 
-    for name, value in (("image_size", image_size), ("batch_size", batch_size), ("repeats", repeats)):
+    for name, value in (
+        ("image_size", image_size),
+        ("batch_size", batch_size),
+        ("repeats", repeats),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
-    images = np.random.default_rng(seed).uniform(
-        0.0, 255.0, (batch_size, image_size, image_size, 3)
-    ).astype(np.float32)
+    images = (
+        np.random.default_rng(seed)
+        .uniform(0.0, 255.0, (batch_size, image_size, image_size, 3))
+        .astype(np.float32)
+    )
     images = tf.constant(images)
     infer = tf.function(lambda batch: model(batch, training=False))
     infer(images)  # trace and warm up

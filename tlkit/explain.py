@@ -302,7 +302,9 @@ def _class_scores(after, pooled):
 
 
 def _is_softmax(activation) -> bool:
-    return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
+    return (
+        activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
+    )
 
 
 def _takes_training(layer) -> bool:

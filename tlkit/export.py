@@ -186,7 +186,11 @@ def format_report(report: ExportReport) -> str:
         f"Exported {report.model_name} to {report.out_dir}/ "
         f"(input {report.input}; {len(report.class_names)} classes in {LABELS_FILE})",
         f"Checked on {report.check_examples} images"
-        + (f"; int8 calibrated on {report.representative_examples}" if report.representative_examples else ""),
+        + (
+            f"; int8 calibrated on {report.representative_examples}"
+            if report.representative_examples
+            else ""
+        ),
         f"{'format':<12} {'status':<8} {'size':>9} {'top-1 agree':>11} {'max |dp|':>9} "
         f"{'accuracy':>8} {'drop':>7}",
     ]
@@ -393,7 +397,9 @@ def export_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
         write_text(staging / LABELS_FILE, "".join(f"{name}\n" for name in class_names))
-        needs_saved_model = any(name in formats for name in ("saved_model", "tflite", "tflite_int8"))
+        needs_saved_model = any(
+            name in formats for name in ("saved_model", "tflite", "tflite_int8")
+        )
         saved_model_dir = staging / FORMAT_FILES["saved_model"]
         if needs_saved_model:
             started = time.perf_counter()
@@ -402,14 +408,19 @@ def export_model(
             if "saved_model" in formats:
                 loaded = tf.saved_model.load(str(saved_model_dir))
                 result = FormatResult(
-                    "saved_model", path=FORMAT_FILES["saved_model"],
-                    size_bytes=_size(saved_model_dir), seconds=round(seconds, 2),
+                    "saved_model",
+                    path=FORMAT_FILES["saved_model"],
+                    size_bytes=_size(saved_model_dir),
+                    seconds=round(seconds, 2),
                     notes="serve(images) and the serving_default signature return "
                     "probabilities; class_names() returns the label map.",
                 )
                 _record_check(
-                    result, lambda images: loaded.serve(tf.constant(images)).numpy(),
-                    check_images, check_labels, reference,
+                    result,
+                    lambda images: loaded.serve(tf.constant(images)).numpy(),
+                    check_images,
+                    check_labels,
+                    reference,
                 )
                 report.results.append(result)
         for name in formats:
@@ -594,12 +605,19 @@ def export_command(
             representative = _take(calibration_split, representative_count, image_size, seed + 1)[0]
         log(
             f"Checking on {len(check[0])} {check_split.name} images"
-            + (f", calibrating int8 on {len(representative)} {calibration_split.name} images."
-               if representative is not None else ".")
+            + (
+                f", calibrating int8 on {len(representative)} {calibration_split.name} images."
+                if representative is not None
+                else "."
+            )
         )
     report = export_model(
-        model, out_dir, formats=formats, representative_data=representative,
-        check_data=check, overwrite=overwrite,
+        model,
+        out_dir,
+        formats=formats,
+        representative_data=representative,
+        check_data=check,
+        overwrite=overwrite,
     )
     log(format_report(report))
     return 0 if report.ok else 1
@@ -644,13 +662,17 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     formats = tuple(dict.fromkeys(formats))
     unknown = [name for name in formats if name not in FORMATS]
     if unknown or not formats:
-        raise ValueError(f"Unknown export format. Expected some of {FORMATS}. Received: formats={list(formats)}")
+        raise ValueError(
+            f"Unknown export format. Expected some of {FORMATS}. Received: formats={list(formats)}"
+        )
     return formats
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file; pick a folder name for the export. Received: out_dir={out_dir}")
+        raise FileExistsError(
+            f"{out_dir} is a file; pick a folder name for the export. Received: out_dir={out_dir}"
+        )
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not overwrite:
@@ -750,7 +772,9 @@ def _write_saved_model(model: keras.Model, path: Path, class_names, image_size: 
     archive.add_endpoint(
         "serve",
         lambda images: model(images, training=False),
-        input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="image")],
+        input_signature=[
+            tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="image")
+        ],
     )
     names = [str(name) for name in class_names]
     archive.add_endpoint(

@@ -222,7 +222,10 @@ def extract_features(
             bar.update(1)
     bar.close()
     result = FeatureSet(
-        np.concatenate(features).astype(np.float32), np.concatenate(labels).astype(np.int32), views, path
+        np.concatenate(features).astype(np.float32),
+        np.concatenate(labels).astype(np.int32),
+        views,
+        path,
     )
     if path is not None:
         with atomic_path(path) as temporary:
@@ -278,7 +281,14 @@ def train_head(
 
     compile_classifier(head, learning_rate=learning_rate)
     return fit_on_features(
-        head, train_features, validation_features, epochs, batch_size, seed, callbacks, verbose,
+        head,
+        train_features,
+        validation_features,
+        epochs,
+        batch_size,
+        seed,
+        callbacks,
+        verbose,
         class_weight,
     )
 
@@ -440,7 +450,9 @@ def resolve_class_weight(
                 "class_weight='balanced' needs at least one training example of every class; "
                 f"pass a dict instead. Received: class counts={counts.tolist()}"
             )
-        return {index: float(len(labels) / (num_classes * count)) for index, count in enumerate(counts)}
+        return {
+            index: float(len(labels) / (num_classes * count)) for index, count in enumerate(counts)
+        }
     if not isinstance(class_weight, dict):
         raise ValueError(
             "class_weight must be None, 'balanced' or a dict {class index: weight}. "
@@ -466,7 +478,9 @@ BACKENDS = ("auto", "keras", "xla", "litert")
 LITERT_MIN_IMAGES = 1000
 
 
-def forward_function(base: keras.Model, image_size: int, backend: str = "auto", images: int | None = None):
+def forward_function(
+    base: keras.Model, image_size: int, backend: str = "auto", images: int | None = None
+):
     """The inference function `extract_features` uses: images in, numpy-convertible out.
 
     Args:
@@ -508,7 +522,11 @@ def forward_function(base: keras.Model, image_size: int, backend: str = "auto", 
 def _automatic_backend(base: keras.Model, image_size: int, images: int | None) -> str:
     from tlkit import litert
 
-    if tf.distribute.has_strategy() or tf.config.list_logical_devices("GPU") or not litert.available():
+    if (
+        tf.distribute.has_strategy()
+        or tf.config.list_logical_devices("GPU")
+        or not litert.available()
+    ):
         return "keras"
     if images is None or images >= LITERT_MIN_IMAGES:
         return "litert"

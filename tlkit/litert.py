@@ -96,7 +96,9 @@ class LiteRTModel:
                 f"image_size=224). Received: input_shape={shape}"
             )
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
+            raise ValueError(
+                f"batch_size must be a positive integer. Received: batch_size={batch_size!r}"
+            )
         self.image_size = int(image_size)
         self.channels = int(shape[-1])
         self.batch_size = batch_size
@@ -141,8 +143,10 @@ class LiteRTModel:
                 f"Expected images of shape (N, {', '.join(map(str, expected))}); resize them to "
                 f"{self.image_size} px first. Received: shape={images.shape}"
             )
-        outputs = [self._invoke(images[start : start + self.batch_size])
-                   for start in range(0, len(images), self.batch_size)]
+        outputs = [
+            self._invoke(images[start : start + self.batch_size])
+            for start in range(0, len(images), self.batch_size)
+        ]
         if not outputs:
             output_shape = self._interpreter.get_output_details()[0]["shape"][1:]
             return np.zeros((0, *output_shape), np.float32)
@@ -170,9 +174,11 @@ class LiteRTModel:
     def _verify(self, model: keras.Model, content: bytes) -> dict:
         """Compares the converted model with Keras on a fixed random input."""
         self._interpreter = self._load(content)
-        probe = np.random.default_rng(0).uniform(
-            0, 255, (2, self.image_size, self.image_size, self.channels)
-        ).astype(np.float32)
+        probe = (
+            np.random.default_rng(0)
+            .uniform(0, 255, (2, self.image_size, self.image_size, self.channels))
+            .astype(np.float32)
+        )
         expected = keras.ops.convert_to_numpy(model(probe, training=False))
         received = self(probe)
         scale = float(np.max(np.abs(expected))) or 1.0
@@ -183,11 +189,17 @@ class LiteRTModel:
                 f"difference {difference:.2e} > {TOLERANCE}); use backend='keras' for this "
                 "model."
             )
-        return {"model": model.name, "image_size": self.image_size,
-                "max_relative_difference": difference, "tolerance": TOLERANCE}
+        return {
+            "model": model.name,
+            "image_size": self.image_size,
+            "max_relative_difference": difference,
+            "tolerance": TOLERANCE,
+        }
 
 
-def cached_path(model: keras.Model, image_size: int, cache: bool | str | os.PathLike = True) -> Path:
+def cached_path(
+    model: keras.Model, image_size: int, cache: bool | str | os.PathLike = True
+) -> Path:
     """Where the conversion of `model` at `image_size` is (or would be) cached.
 
     Args:
@@ -228,7 +240,9 @@ def _conversion_key(model: keras.Model, image_size: int) -> str:
 
     from tlkit.features import preprocessing_modes, weights_fingerprint
 
-    layers = [(type(layer).__name__, layer.name) for layer in model._flatten_layers(include_self=False)]
+    layers = [
+        (type(layer).__name__, layer.name) for layer in model._flatten_layers(include_self=False)
+    ]
     parts = {
         "format": _FORMAT_VERSION,
         "tensorflow": tf.__version__,

@@ -53,7 +53,6 @@ def get_class_names(model: keras.Model) -> list[str] | None:
     return None
 
 
-
 def build_head(
     feature_width: int, num_classes: int, dropout_rate: float = 0.2, name: str = "head"
 ) -> keras.Model:
@@ -336,15 +335,21 @@ def fine_tune(
     if freeze_epochs:
         freeze(model, learning_rate)
         history = model.fit(
-            train_data, validation_data=validation_data, epochs=freeze_epochs,
-            callbacks=callbacks, verbose=verbose,
+            train_data,
+            validation_data=validation_data,
+            epochs=freeze_epochs,
+            callbacks=callbacks,
+            verbose=verbose,
         )
         histories["head"] = history.history
     if epochs:
         unfreeze(model, blocks=blocks, learning_rate=fine_tune_learning_rate)
         history = model.fit(
-            train_data, validation_data=validation_data, epochs=epochs,
-            callbacks=callbacks, verbose=verbose,
+            train_data,
+            validation_data=validation_data,
+            epochs=epochs,
+            callbacks=callbacks,
+            verbose=verbose,
         )
         histories["fine_tune"] = history.history
     return histories
@@ -464,7 +469,9 @@ def fine_tune_cached(
         )
     for name, value in (("views", views), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, e.g. 3. Received: {name}={value!r}")
+            raise ValueError(
+                f"{name} must be a positive integer, e.g. 3. Received: {name}={value!r}"
+            )
     resolve_class_weight(class_weight, train_split.labels, num_classes)  # Fail before extracting.
     if block is None:
         block = block_names(base)[-2]
@@ -473,9 +480,15 @@ def fine_tune_cached(
 
     def activations(split, count):
         return extract_features(
-            lower, split, image_size, batch_size=64, views=count,
-            augmentation=augmentation if count > 1 else None, seed=augmentation_seed,
-            cache=cache, progress=progress,
+            lower,
+            split,
+            image_size,
+            batch_size=64,
+            views=count,
+            augmentation=augmentation if count > 1 else None,
+            seed=augmentation_seed,
+            cache=cache,
+            progress=progress,
         )
 
     train = activations(train_split, views)
@@ -487,8 +500,13 @@ def fine_tune_cached(
         model, train, validation, epochs, batch_size, seed, callbacks, verbose, class_weight
     )
     classifier = build_classifier(
-        base.name, num_classes, image_size, base=base, head=head,
-        class_names=train_split.class_names, learning_rate=learning_rate,
+        base.name,
+        num_classes,
+        image_size,
+        base=base,
+        head=head,
+        class_names=train_split.class_names,
+        learning_rate=learning_rate,
     )
     return classifier, history
 

@@ -61,7 +61,9 @@ def check_environment() -> dict[str, str]:
         print("tlkit needs Keras 3: `pip install -U keras` and restart the runtime.")
         raise StopNotebook("Keras 3 required")
     gpus = tf.config.list_physical_devices("GPU")
-    print(f"Running on {'GPU: ' + gpus[0].name if gpus else 'CPU'}; QUICK mode is {'on' if quick_mode() else 'off'}.")
+    print(
+        f"Running on {'GPU: ' + gpus[0].name if gpus else 'CPU'}; QUICK mode is {'on' if quick_mode() else 'off'}."
+    )
     return versions
 
 

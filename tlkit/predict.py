@@ -23,9 +23,13 @@ def load_classifier(path: str | os.PathLike) -> keras.Model:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No model file at {path}. Pass the model.keras of a run. Received: model={path}")
+        raise FileNotFoundError(
+            f"No model file at {path}. Pass the model.keras of a run. Received: model={path}"
+        )
     if path.suffix != ".keras":
-        raise ValueError(f"Expected a .keras model file written by `tlkit train`. Received: model={path}")
+        raise ValueError(
+            f"Expected a .keras model file written by `tlkit train`. Received: model={path}"
+        )
     with warnings.catch_warnings():
         # A model saved before its optimizer was built reloads fine, but Keras warns
         # that it skipped the (empty) optimizer state.
@@ -52,7 +56,12 @@ def predict_files(model: keras.Model, paths, top_k: int = 3):
         probabilities = np.asarray(model.predict_on_batch(image[None]))[0]
         best = np.argsort(-probabilities)[:top_k]
         labels = [names[i] if names else str(i) for i in best]
-        results.append((str(path), [(label, float(probabilities[i])) for label, i in zip(labels, best, strict=True)]))
+        results.append(
+            (
+                str(path),
+                [(label, float(probabilities[i])) for label, i in zip(labels, best, strict=True)],
+            )
+        )
     return results
 
 

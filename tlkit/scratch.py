@@ -70,8 +70,10 @@ def build_scratch_cnn(
             f"filters must be a non-empty sequence of positive ints, e.g. (16, 32, 64, 128). "
             f"Received: filters={filters!r}"
         )
-    if isinstance(batch_norm_momentum, bool) or not isinstance(batch_norm_momentum, (int, float)) or not (
-        0.0 <= batch_norm_momentum < 1.0
+    if (
+        isinstance(batch_norm_momentum, bool)
+        or not isinstance(batch_norm_momentum, (int, float))
+        or not (0.0 <= batch_norm_momentum < 1.0)
     ):
         raise ValueError(
             "batch_norm_momentum must be a number in [0, 1), e.g. 0.9 for a short run. "
@@ -99,8 +101,13 @@ def build_scratch_cnn(
 
 
 def compare_with_scratch(
-    dataset, transfer_metrics: dict, seconds: float, image_size: int = 96, seed: int = 42,
-    batch_size: int = 32, log=print,
+    dataset,
+    transfer_metrics: dict,
+    seconds: float,
+    image_size: int = 96,
+    seed: int = 42,
+    batch_size: int = 32,
+    log=print,
 ) -> dict:
     """Trains `build_scratch_cnn` for the same wall time and prints both results.
 

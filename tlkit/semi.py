@@ -61,8 +61,13 @@ def strong_augmentation(seed: int | None = None) -> keras.Sequential:
     from tlkit.augment import build_augmentation
 
     return build_augmentation(
-        "natural", seed=seed, rotation=0.15, zoom=0.25, translation=0.25,
-        contrast=0.5, brightness=0.4,
+        "natural",
+        seed=seed,
+        rotation=0.15,
+        zoom=0.25,
+        translation=0.25,
+        contrast=0.5,
+        brightness=0.4,
     )
 
 
@@ -112,7 +117,11 @@ def choose_labelled(labels: Any, labels_per_class: int, seed: int = 0) -> np.nda
         >>> choose_labelled([0, 0, 0, 1, 1, 1], 1, seed=0).tolist()
         [1, 5]
     """
-    if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, (int, np.integer)) or labels_per_class < 1:
+    if (
+        isinstance(labels_per_class, bool)
+        or not isinstance(labels_per_class, (int, np.integer))
+        or labels_per_class < 1
+    ):
         raise ValueError(
             "labels_per_class must be a positive int, e.g. 10. "
             f"Received: labels_per_class={labels_per_class!r}"
@@ -318,12 +327,18 @@ def pseudo_label(
             if balance:
                 selected, predicted = _balance(head, plain, selected, predicted)
             chosen = select_images(unlabelled, selected)
-            pseudo = FeatureSet(chosen.features, np.tile(predicted, unlabelled.views), unlabelled.views)
+            pseudo = FeatureSet(
+                chosen.features, np.tile(predicted, unlabelled.views), unlabelled.views
+            )
             training = _concatenate(labelled, pseudo)
             head.set_weights(initial)
         train_head(
-            head, training, epochs=epochs, batch_size=batch_size,
-            learning_rate=learning_rate, seed=seed + round_index,
+            head,
+            training,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed + round_index,
         )
         report.rounds.append(
             {
@@ -395,7 +410,9 @@ class FixMatchTrainer(keras.Model):
         unlabelled_weight: Weight `lambda_u` of the unlabelled loss. Defaults to 1.0.
     """
 
-    def __init__(self, head: keras.Model, threshold: float = 0.95, unlabelled_weight: float = 1.0, **kwargs):
+    def __init__(
+        self, head: keras.Model, threshold: float = 0.95, unlabelled_weight: float = 1.0, **kwargs
+    ):
         super().__init__(**kwargs)
         self.head = head
         self.threshold = float(threshold)
@@ -420,7 +437,9 @@ class FixMatchTrainer(keras.Model):
             labelled_probabilities = self.head(data["labelled"], training=True)
             strong_probabilities = self.head(data["strong"], training=True)
             supervised = tf.reduce_mean(self.cross_entropy(data["labels"], labelled_probabilities))
-            unlabelled = tf.reduce_mean(mask * self.cross_entropy(pseudo_labels, strong_probabilities))
+            unlabelled = tf.reduce_mean(
+                mask * self.cross_entropy(pseudo_labels, strong_probabilities)
+            )
             loss = supervised + self.unlabelled_weight * unlabelled
         variables = self.head.trainable_variables
         self.optimizer.apply(tape.gradient(loss, variables), variables)
@@ -431,7 +450,9 @@ class FixMatchTrainer(keras.Model):
         self.mask_tracker.update_state(tf.reduce_mean(mask))
         self.accuracy.update_state(data["labels"], labelled_probabilities)
         if "true_labels" in data:
-            correct = tf.cast(tf.equal(pseudo_labels, tf.cast(data["true_labels"], tf.int32)), tf.float32)
+            correct = tf.cast(
+                tf.equal(pseudo_labels, tf.cast(data["true_labels"], tf.int32)), tf.float32
+            )
             # Accuracy of the pseudo-labels that pass the mask (weighted by it).
             self.pseudo_accuracy.update_state(correct, sample_weight=mask)
         return {metric.name: metric.result() for metric in self.metrics}
@@ -446,8 +467,12 @@ class FixMatchTrainer(keras.Model):
     @property
     def metrics(self):
         return [
-            self.loss_tracker, self.supervised_tracker, self.unlabelled_tracker,
-            self.mask_tracker, self.pseudo_accuracy, self.accuracy,
+            self.loss_tracker,
+            self.supervised_tracker,
+            self.unlabelled_tracker,
+            self.mask_tracker,
+            self.pseudo_accuracy,
+            self.accuracy,
         ]
 
 
@@ -518,7 +543,11 @@ def fixmatch(
             "`extract_features(base, split, views=3, augmentation=strong_augmentation())`. "
             f"Received: unlabelled.views={unlabelled.views}"
         )
-    for name, value in (("batch_size", batch_size), ("unlabelled_ratio", unlabelled_ratio), ("epochs", epochs)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("unlabelled_ratio", unlabelled_ratio),
+        ("epochs", epochs),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
     _check_sets(head, labelled=labelled, unlabelled=unlabelled)
@@ -547,6 +576,7 @@ def fixmatch(
         .repeat()
         .batch(unlabelled_batch)
     )
+
     def merge(labelled_batch, pair_batch):
         return {"labelled": labelled_batch[0], "labels": labelled_batch[1], **pair_batch}
 
@@ -556,7 +586,11 @@ def fixmatch(
     trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))
     validation_data = validation.to_dataset(256) if validation else None
     history = trainer.fit(
-        data, epochs=epochs, steps_per_epoch=steps, validation_data=validation_data, verbose=verbose,
+        data,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        validation_data=validation_data,
+        verbose=verbose,
     )
     return head, history.history
 
@@ -567,7 +601,11 @@ def fixmatch(
 
 
 def _check_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not 0.0 < threshold <= 1.0
+    ):
         raise ValueError(
             "threshold is a probability the top class must reach, in (0, 1], e.g. 0.9. "
             f"Received: threshold={threshold!r}"
@@ -584,7 +622,9 @@ def _check_sets(head: keras.Model, **sets: FeatureSet) -> None:
                 f"Received: {name}={type(features).__name__}"
             )
         if len(features) == 0:
-            raise ValueError(f"{name} is empty; it needs at least one example. Received: len({name})=0")
+            raise ValueError(
+                f"{name} is empty; it needs at least one example. Received: len({name})=0"
+            )
         if width is not None and features.features.shape[1] != width:
             raise ValueError(
                 f"{name} has features of width {features.features.shape[1]} but the head takes {width}; "
@@ -608,7 +648,9 @@ def _balance(head, plain, selected, predicted):
     confidence = head.predict(plain.features[selected], batch_size=256, verbose=0).max(axis=1)
     chosen = np.concatenate(
         [
-            np.flatnonzero(predicted == index)[np.argsort(-confidence[predicted == index], kind="stable")[:keep]]
+            np.flatnonzero(predicted == index)[
+                np.argsort(-confidence[predicted == index], kind="stable")[:keep]
+            ]
             for index in range(num_classes)
         ]
     )

@@ -74,13 +74,17 @@ class TrainConfig:
         for name in ("epochs", "fine_tune_epochs", "fine_tune_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer. Received: {name}={value!r}")
+                raise ValueError(
+                    f"{name} must be a non-negative integer. Received: {name}={value!r}"
+                )
         if not isinstance(self.views, int) or self.views < 1:
             raise ValueError(f"views must be at least 1. Received: views={self.views!r}")
         from tlkit.features import BACKENDS
 
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}. Received: backend={self.backend!r}")
+            raise ValueError(
+                f"backend must be one of {list(BACKENDS)}. Received: backend={self.backend!r}"
+            )
         if self.epochs == 0 and self.fine_tune_epochs == 0:
             raise ValueError("Nothing to train: epochs and fine_tune_epochs are both 0.")
 
@@ -103,7 +107,9 @@ def prepare_run_folder(out: str | Path, overwrite: bool = False) -> Path:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"The run folder is a file. Choose another --out. Received: out={out}")
+        raise FileExistsError(
+            f"The run folder is a file. Choose another --out. Received: out={out}"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"The run folder {out} already holds a run. Choose another --out, or pass "
@@ -197,14 +203,20 @@ def train_run(
     # LiteRT runs outside TensorFlow's devices, so a strategy keeps the Keras path.
     backend = "keras" if strategy is not None and config.backend == "auto" else config.backend
     train_features = extract_features(
-        base, dataset.train, image_size, views=config.views,
+        base,
+        dataset.train,
+        image_size,
+        views=config.views,
         augmentation=config.augmentation if config.views > 1 else None,
-        seed=config.seed, progress=progress, backend=backend,
+        seed=config.seed,
+        progress=progress,
+        backend=backend,
     )
     validation_split = dataset.validation
     validation_features = (
         extract_features(base, validation_split, image_size, progress=progress, backend=backend)
-        if validation_split is not None else None
+        if validation_split is not None
+        else None
     )
     timings["feature_extraction_s"] = time.perf_counter() - clock
     cache_hits = [f.from_cache for f in (train_features, validation_features) if f is not None]
@@ -228,12 +240,18 @@ def train_run(
         if config.epochs:
             with distribute.scope(strategy):
                 histories["head"] = train_head(
-                    head, train_features, validation_features, epochs=config.epochs,
-                    batch_size=config.head_batch_size * replicas, learning_rate=learning_rate,
+                    head,
+                    train_features,
+                    validation_features,
+                    epochs=config.epochs,
+                    batch_size=config.head_batch_size * replicas,
+                    learning_rate=learning_rate,
                     seed=config.seed,
                 )
         timings["head_training_s"] = time.perf_counter() - clock
-        log(f"Head: {config.epochs} epochs on cached features in {timings['head_training_s']:.1f} s.")
+        log(
+            f"Head: {config.epochs} epochs on cached features in {timings['head_training_s']:.1f} s."
+        )
         if checkpoints is not None:
             with atomic_path(checkpoints / "head.weights.h5") as temporary:
                 head.save_weights(str(temporary))
@@ -241,15 +259,31 @@ def train_run(
 
     with distribute.scope(strategy):
         model = build_classifier(
-            config.backbone, dataset.num_classes, image_size,
+            config.backbone,
+            dataset.num_classes,
+            image_size,
             augmentation=config.augmentation if config.fine_tune_epochs else None,
-            base=base, head=head, class_names=dataset.class_names,
+            base=base,
+            head=head,
+            class_names=dataset.class_names,
         )
     if config.fine_tune_epochs:
         model = _fine_tune_with_checkpoints(
-            model, dataset, config, image_size, batch_size, fine_tune_learning_rate,
-            strategy, checkpoints, state, histories, timings, started, fingerprints,
-            progress, log,
+            model,
+            dataset,
+            config,
+            image_size,
+            batch_size,
+            fine_tune_learning_rate,
+            strategy,
+            checkpoints,
+            state,
+            histories,
+            timings,
+            started,
+            fingerprints,
+            progress,
+            log,
         )
 
     clock = time.perf_counter()
@@ -257,12 +291,16 @@ def train_run(
     metrics: dict = {}
     if evaluation_split is not None:
         if config.fine_tune_epochs:
-            probabilities, labels = predict_split(model, evaluation_split, image_size, batch_size * 2)
+            probabilities, labels = predict_split(
+                model, evaluation_split, image_size, batch_size * 2
+            )
         else:
             evaluation_features = (
-                validation_features if evaluation_split is validation_split
-                else extract_features(base, evaluation_split, image_size, progress=progress,
-                                      backend=backend)
+                validation_features
+                if evaluation_split is validation_split
+                else extract_features(
+                    base, evaluation_split, image_size, progress=progress, backend=backend
+                )
             )
             probabilities = head.predict(evaluation_features.features, batch_size=1024, verbose=0)
             labels = evaluation_features.labels
@@ -283,8 +321,10 @@ def train_run(
             },
             "config": {**asdict(config), "image_size": image_size},
             "distribution": {
-                "replicas": replicas, "global_batch_size": batch_size,
-                "learning_rate": learning_rate, "fine_tune_learning_rate": fine_tune_learning_rate,
+                "replicas": replicas,
+                "global_batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "fine_tune_learning_rate": fine_tune_learning_rate,
             },
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "feature_cache": {"hits": cache_hits},
@@ -297,8 +337,15 @@ def train_run(
     if out is not None:
         write_run(out, model, metrics, histories)
         _save_state(
-            checkpoints, config, fingerprints, True, config.fine_tune_epochs, histories,
-            timings, started, complete=True,
+            checkpoints,
+            config,
+            fingerprints,
+            True,
+            config.fine_tune_epochs,
+            histories,
+            timings,
+            started,
+            complete=True,
         )
         # The final model is model.keras; the per-epoch checkpoint is no longer needed.
         (checkpoints / "fine_tune.keras").unlink(missing_ok=True)
@@ -306,8 +353,21 @@ def train_run(
 
 
 def _fine_tune_with_checkpoints(
-    model, dataset, config, image_size, batch_size, learning_rate, strategy, checkpoints,
-    state, histories, timings, started, fingerprints, progress, log,
+    model,
+    dataset,
+    config,
+    image_size,
+    batch_size,
+    learning_rate,
+    strategy,
+    checkpoints,
+    state,
+    histories,
+    timings,
+    started,
+    fingerprints,
+    progress,
+    log,
 ):
     """Fine-tunes epoch by epoch, checkpointing model and optimizer after each."""
     from tlkit import distribute
@@ -325,7 +385,8 @@ def _fine_tune_with_checkpoints(
         log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
     validation_images = (
         dataset.validation.to_dataset(image_size, batch_size=batch_size * 2)
-        if dataset.validation is not None else None
+        if dataset.validation is not None
+        else None
     )
     history = {key: list(values) for key, values in histories.get("fine_tune", {}).items()}
     clock = time.perf_counter()
@@ -338,8 +399,11 @@ def _fine_tune_with_checkpoints(
             image_size, batch_size=batch_size, shuffle=True, seed=config.seed + epoch
         )
         result = model.fit(
-            train_images, validation_data=validation_images, initial_epoch=epoch,
-            epochs=epoch + 1, verbose=1 if progress else 0,
+            train_images,
+            validation_data=validation_images,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            verbose=1 if progress else 0,
             shuffle=False,  # The dataset shuffles itself.
         )
         for key, values in result.history.items():
@@ -350,7 +414,9 @@ def _fine_tune_with_checkpoints(
         if checkpoint is not None:
             with atomic_path(checkpoint) as temporary:
                 model.save(temporary)
-            _save_state(checkpoints, config, fingerprints, True, epoch + 1, histories, timings, started)
+            _save_state(
+                checkpoints, config, fingerprints, True, epoch + 1, histories, timings, started
+            )
     return model
 
 
@@ -376,8 +442,15 @@ def reseed_layers(model: keras.Model, seed: int) -> None:
 
 
 def _save_state(
-    checkpoints, config, fingerprints, head_done, fine_tune_epochs_done, histories, timings,
-    started, complete=False,
+    checkpoints,
+    config,
+    fingerprints,
+    head_done,
+    fine_tune_epochs_done,
+    histories,
+    timings,
+    started,
+    complete=False,
 ):
     write_json(
         checkpoints / "state.json",
@@ -443,7 +516,8 @@ def write_run(out: Path, model: keras.Model, metrics: dict, histories: dict) -> 
         evaluation.plot_training_curves(histories, out / "training_curves.png")
     if "confusion_matrix" in metrics:
         evaluation.plot_confusion_matrix(
-            np.asarray(metrics["confusion_matrix"]), metrics["dataset"]["class_names"],
+            np.asarray(metrics["confusion_matrix"]),
+            metrics["dataset"]["class_names"],
             out / "confusion_matrix.png",
         )
 

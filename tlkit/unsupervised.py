@@ -62,7 +62,9 @@ def build_autoencoder(
     """
     filters = tuple(int(value) for value in filters)
     if not filters or min(filters) < 1:
-        raise ValueError(f"filters must be a non-empty tuple of positive ints. Received: filters={filters!r}")
+        raise ValueError(
+            f"filters must be a non-empty tuple of positive ints. Received: filters={filters!r}"
+        )
     factor = 2 ** len(filters)
     if not isinstance(image_size, (int, np.integer)) or image_size < factor or image_size % factor:
         raise ValueError(
@@ -82,12 +84,20 @@ def build_autoencoder(
     x = code
     for index, width in enumerate(reversed(filters)):
         x = keras.layers.Conv2DTranspose(
-            width, 3, strides=2, padding="same", kernel_initializer=initializer,
+            width,
+            3,
+            strides=2,
+            padding="same",
+            kernel_initializer=initializer,
             name=f"up{index + 1}_transpose",
         )(x)
         x = keras.layers.ReLU(name=f"up{index + 1}_relu")(x)
     reconstruction = keras.layers.Conv2D(
-        3, 3, padding="same", activation="sigmoid", kernel_initializer=initializer,
+        3,
+        3,
+        padding="same",
+        activation="sigmoid",
+        kernel_initializer=initializer,
         name="reconstruction",
     )(x)
     decoder = keras.Model(code, reconstruction, name="decoder")
@@ -156,8 +166,14 @@ def encoder_classifier(
     """
     from tlkit.models import build_head, compile_classifier
 
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int of at least 2. Received: num_classes={num_classes!r}")
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or num_classes < 2
+    ):
+        raise ValueError(
+            f"num_classes must be an int of at least 2. Received: num_classes={num_classes!r}"
+        )
     channels = encoder.output_shape[-1]
     if head is None:
         head = build_head(channels, int(num_classes), dropout_rate)
@@ -276,8 +292,13 @@ def load_images(split, image_size: int, batch_size: int = 128) -> np.ndarray:
 
 def _conv_block(x, width, strides, name, initializer):
     x = keras.layers.Conv2D(
-        width, 3, strides=strides, padding="same", use_bias=False,
-        kernel_initializer=initializer, name=f"{name}_conv",
+        width,
+        3,
+        strides=strides,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=initializer,
+        name=f"{name}_conv",
     )(x)
     x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
@@ -314,7 +335,9 @@ def _reconstruction_dataset(data, size, batch_size, shuffle, seed):
                 f"Received: element shape={images.shape}"
             )
         if tuple(images.shape[1:3]) != (size, size):
-            images = tf.clip_by_value(tf.image.resize(images, (size, size), antialias=True), 0.0, 255.0)
+            images = tf.clip_by_value(
+                tf.image.resize(images, (size, size), antialias=True), 0.0, 255.0
+            )
         return images, images / 255.0
 
     return dataset.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -159,7 +159,9 @@ def assign_state_dict(model: keras.Model, mapping, state_dict) -> None:
         elif isinstance(layer, layers.Conv2D):
             values = [take(f"{prefix}.weight").transpose(2, 3, 1, 0)]
         elif isinstance(layer, layers.BatchNormalization):
-            values = [take(f"{prefix}.{k}") for k in ("weight", "bias", "running_mean", "running_var")]
+            values = [
+                take(f"{prefix}.{k}") for k in ("weight", "bias", "running_mean", "running_var")
+            ]
             used.add(f"{prefix}.num_batches_tracked")
         elif isinstance(layer, layers.Dense):
             values = [take(f"{prefix}.weight").T, take(f"{prefix}.bias")]
@@ -174,4 +176,6 @@ def assign_state_dict(model: keras.Model, mapping, state_dict) -> None:
         layer.set_weights(values)
     unused = sorted(set(state_dict) - used)
     if unused:
-        raise ValueError(f"The weights file has tensors this architecture does not use: {unused[:5]}")
+        raise ValueError(
+            f"The weights file has tensors this architecture does not use: {unused[:5]}"
+        )

@@ -132,7 +132,9 @@ def _load_plain(file: BinaryIO, what: str):
     except UnsafePickleError:
         raise
     except Exception as error:  # A corrupt header: say which part.
-        raise pickle.UnpicklingError(f"Could not read the {what} of the weights file: {error}") from error
+        raise pickle.UnpicklingError(
+            f"Could not read the {what} of the weights file: {error}"
+        ) from error
 
 
 def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
@@ -160,7 +162,9 @@ def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
         file.seek(0)
         magic = _load_plain(file, "magic number")
         if magic != _LEGACY_MAGIC_NUMBER:
-            raise ValueError(f"Not a legacy PyTorch weights file (bad magic number). Received: path={path}")
+            raise ValueError(
+                f"Not a legacy PyTorch weights file (bad magic number). Received: path={path}"
+            )
         _load_plain(file, "protocol version")
         sys_info = _load_plain(file, "system info")
         if not sys_info.get("little_endian", True):
@@ -186,7 +190,9 @@ def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
                 raise ValueError(f"Weights file is truncated. Received: path={path}")
             storage.array = np.frombuffer(data, dtype=storage.dtype)
     if not isinstance(state, dict):
-        raise UnsafePickleError(f"Expected a state_dict mapping. Received: type={type(state).__name__}")
+        raise UnsafePickleError(
+            f"Expected a state_dict mapping. Received: type={type(state).__name__}"
+        )
     result = collections.OrderedDict()
     for name, value in state.items():
         if isinstance(value, _TensorPlaceholder):

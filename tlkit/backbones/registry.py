@@ -284,7 +284,9 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def _register_keras(name, builder, image_size, width, preprocessing, pattern, reference, description):
+def _register_keras(
+    name, builder, image_size, width, preprocessing, pattern, reference, description
+):
     BACKBONES[name] = BackboneSpec(
         name=name,
         description=description + " (keras.applications, downloads weights).",
@@ -299,17 +301,70 @@ def _register_keras(name, builder, image_size, width, preprocessing, pattern, re
     )
 
 
-_register_keras("mobilenet_v2_keras", "MobileNetV2", 224, 1280, "tf", r"^(Conv1|block_\d+|Conv_1)", "https://arxiv.org/abs/1801.04381", "MobileNetV2, Keras layout")
+_register_keras(
+    "mobilenet_v2_keras",
+    "MobileNetV2",
+    224,
+    1280,
+    "tf",
+    r"^(Conv1|block_\d+|Conv_1)",
+    "https://arxiv.org/abs/1801.04381",
+    "MobileNetV2, Keras layout",
+)
 for _index, _size in enumerate((224, 240, 260, 300)):
     _register_keras(
-        f"efficientnet_b{_index}", f"EfficientNetB{_index}", _size, (1280, 1280, 1408, 1536)[_index],
-        "none", r"^(stem|block\d+[a-z]|top)_", "https://arxiv.org/abs/1905.11946", f"EfficientNet-B{_index}",
+        f"efficientnet_b{_index}",
+        f"EfficientNetB{_index}",
+        _size,
+        (1280, 1280, 1408, 1536)[_index],
+        "none",
+        r"^(stem|block\d+[a-z]|top)_",
+        "https://arxiv.org/abs/1905.11946",
+        f"EfficientNet-B{_index}",
     )
-_register_keras("resnet50", "ResNet50", 224, 2048, "caffe", r"^(conv1|conv\d_block\d+)_", "https://arxiv.org/abs/1512.03385", "ResNet-50")
-_register_keras("vgg16", "VGG16", 224, 512, "caffe", r"^(block\d)_", "https://arxiv.org/abs/1409.1556", "VGG16")
-_register_keras("inception_v3", "InceptionV3", 299, 2048, "tf", r"^(mixed\d+|conv2d_\d+)", "https://arxiv.org/abs/1512.00567", "Inception-v3")
-_register_keras("xception", "Xception", 299, 2048, "tf", r"^(block\d+)_", "https://arxiv.org/abs/1610.02357", "Xception")
-_register_keras("convnext_tiny", "ConvNeXtTiny", 224, 768, "none", r"^convnext_tiny_(stem|stage_\d)", "https://arxiv.org/abs/2201.03545", "ConvNeXt-Tiny")
+_register_keras(
+    "resnet50",
+    "ResNet50",
+    224,
+    2048,
+    "caffe",
+    r"^(conv1|conv\d_block\d+)_",
+    "https://arxiv.org/abs/1512.03385",
+    "ResNet-50",
+)
+_register_keras(
+    "vgg16", "VGG16", 224, 512, "caffe", r"^(block\d)_", "https://arxiv.org/abs/1409.1556", "VGG16"
+)
+_register_keras(
+    "inception_v3",
+    "InceptionV3",
+    299,
+    2048,
+    "tf",
+    r"^(mixed\d+|conv2d_\d+)",
+    "https://arxiv.org/abs/1512.00567",
+    "Inception-v3",
+)
+_register_keras(
+    "xception",
+    "Xception",
+    299,
+    2048,
+    "tf",
+    r"^(block\d+)_",
+    "https://arxiv.org/abs/1610.02357",
+    "Xception",
+)
+_register_keras(
+    "convnext_tiny",
+    "ConvNeXtTiny",
+    224,
+    768,
+    "none",
+    r"^convnext_tiny_(stem|stage_\d)",
+    "https://arxiv.org/abs/2201.03545",
+    "ConvNeXt-Tiny",
+)
 
 
 def list_backbones(offline_only: bool = False) -> list[str]:
@@ -376,7 +431,9 @@ def build_backbone(
     """
     spec = get_backbone(name)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 32):
-        raise ValueError(f"image_size must be an integer of at least 32. Received: image_size={image_size!r}")
+        raise ValueError(
+            f"image_size must be an integer of at least 32. Received: image_size={image_size!r}"
+        )
     if include_top and image_size not in (None, spec.image_size) and not spec.offline:
         raise ValueError(
             f"keras.applications builds `{name}` with its ImageNet head only at "

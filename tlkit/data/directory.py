@@ -140,8 +140,13 @@ def from_directory(
 
 def _dataset(name, class_names, splits, report, info) -> ImageDataset:
     return ImageDataset(
-        name, class_names, splits["train"], splits.get("validation"), splits.get("test"),
-        report=report, info=info,
+        name,
+        class_names,
+        splits["train"],
+        splits.get("validation"),
+        splits.get("test"),
+        report=report,
+        info=info,
     )
 
 

@@ -15,6 +15,11 @@ import os as _os
 # TensorFlow's C++ start-up logs are noise for notebook users; an explicit setting wins.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Before anything imports TensorFlow: drop its benign C++ start-up lines (see tlkit._quiet).
+from tlkit._quiet import import_tensorflow_quietly as _import_tensorflow_quietly  # noqa: E402
+
+_import_tensorflow_quietly()
+
 __version__ = "0.1.0"
 
 from tlkit import augment, data, detect, evaluation, explain  # noqa: E402

@@ -25,7 +25,9 @@ from tlkit import data
 def isolated(tmp_path, monkeypatch):
     """No TLKIT_DATA_DIR, an empty cache, and a network that must not be used."""
     monkeypatch.delenv("TLKIT_DATA_DIR", raising=False)
+    monkeypatch.delenv("TLKIT_ALLOW_UNVERIFIED_DOWNLOADS", raising=False)
     monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tensorflow_datasets"))
 
     def no_network(*args, **kwargs):
         raise AssertionError("tests must not open network connections")
@@ -192,10 +194,30 @@ def test_unverified_download_prints_its_sha256(isolated, monkeypatch, capsys):
     monkeypatch.setattr(
         catalog.urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(payload)
     )
-    dataset = data.load("cats_and_dogs_filtered")
+    dataset = data.load("cats_and_dogs_filtered", allow_unverified=True)
     assert (len(dataset.train), len(dataset.validation), dataset.test) == (2, 2, None)
     output = capsys.readouterr().out
     assert hashlib.sha256(payload).hexdigest() in output and "NOT verified" in output
+
+
+def test_unverified_download_is_refused_without_opt_in(isolated, monkeypatch):
+    # `isolated` makes any network call fail the test: the refusal comes first.
+    with pytest.raises(data.DatasetNotFoundError, match="Download refused: no sha256"):
+        data.load("cats_and_dogs_filtered")
+    monkeypatch.setenv("TLKIT_ALLOW_UNVERIFIED_DOWNLOADS", "1")
+    with pytest.raises(AssertionError, match="must not open network"):
+        data.load("cats_and_dogs_filtered")  # The opt-in reaches the download.
+
+
+def test_every_download_but_one_has_a_published_sha256():
+    unverified = {
+        name
+        for name in data.list_datasets()
+        for digest in data.dataset_info(name)["sha256"].values()
+        if digest is None
+    }
+    # Google publishes no checksum for cats_and_dogs_filtered.zip; it needs the opt-in.
+    assert unverified == {"cats_and_dogs_filtered"}
 
 
 # ---------------------------------------------------------------------------

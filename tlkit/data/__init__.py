@@ -14,10 +14,12 @@ from tlkit.data.catalog import (
     DetectionExample,
     UnsafeArchiveError,
     dataset_info,
+    how_to_get,
     list_datasets,
     load,
     load_detection,
     resolve,
+    resolve_offline,
     safe_extract,
 )
 from tlkit.data.dataset import DataReport, ImageDataset, ImageSplit
@@ -28,6 +30,7 @@ from tlkit.data.images import (
     check_image,
     load_image,
 )
+from tlkit.data.tfds import from_tfds
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -41,11 +44,14 @@ __all__ = [
     "UnsafeArchiveError",
     "check_image",
     "dataset_info",
+    "how_to_get",
     "from_directory",
+    "from_tfds",
     "list_datasets",
     "load",
     "load_detection",
     "load_image",
     "resolve",
+    "resolve_offline",
     "safe_extract",
 ]

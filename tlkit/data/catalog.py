@@ -6,8 +6,12 @@ Each catalog entry resolves to a folder, searched in this order:
 2. `$TLKIT_DATA_DIR/<folder>`,
 3. `tlkit._io.cache_dir() / "datasets" / <folder>`,
 4. entry-specific system copies (e.g. Debian's `dataset-fashion-mnist`),
-5. a download into the cache (only with `download=True`), verified against a
-   published sha256 where one exists.
+5. a copy that tensorflow-datasets already prepared (`$TFDS_DATA_DIR` or
+   `~/tensorflow_datasets`), exported once into the cache (tf_flowers),
+6. a download into the cache (only with `download=True`), verified against a
+   published sha256. A download without a published sha256 is refused unless
+   the caller opts in (`allow_unverified=True` or
+   `TLKIT_ALLOW_UNVERIFIED_DOWNLOADS=1`).
 
 When all of these fail, `DatasetNotFoundError` says what was expected, where it
 looked and how to fix it.
@@ -35,6 +39,8 @@ import numpy as np
 from tlkit._io import atomic_path, cache_dir, sha256_file
 from tlkit.data.dataset import DataReport, ImageDataset, ImageSplit
 from tlkit.data.directory import from_directory
+from tlkit.data.errors import DatasetNotFoundError
+from tlkit.data.tfds import export_as_class_folders, find_prepared
 
 __all__ = [
     "DatasetNotFoundError",
@@ -42,10 +48,12 @@ __all__ = [
     "DetectionExample",
     "UnsafeArchiveError",
     "dataset_info",
+    "how_to_get",
     "list_datasets",
     "load",
     "load_detection",
     "resolve",
+    "resolve_offline",
     "safe_extract",
 ]
 
@@ -65,10 +73,6 @@ FASHION_MNIST_CLASS_NAMES = [
     "Ankle boot",
 ]
 BCCD_CLASS_NAMES = ["RBC", "WBC", "Platelets"]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A named dataset is neither on disk nor downloadable right now."""
 
 
 class UnsafeArchiveError(ValueError):
@@ -100,6 +104,8 @@ class _Entry:
     info: dict[str, Any]
     system_paths: tuple[str, ...] = ()
     class_names: tuple[str, ...] = field(default=())
+    tfds_name: str | None = None  # A tensorflow-datasets copy that can stand in.
+    size: str = ""  # Download size, for messages.
 
 
 def _has(*relative: str) -> Callable[[Path], bool]:
@@ -159,6 +165,8 @@ _ENTRIES: dict[str, _Entry] = {
                 ),
             ),
             archive_subfolder="flower_photos",
+            tfds_name="tf_flowers",
+            size="218 MB",
             info={
                 "source": "TensorFlow team, flower_photos.tgz (photos from Flickr)",
                 "licence": "CC BY 2.0 (credit for every photo in flower_photos/LICENSE.txt)",
@@ -187,6 +195,7 @@ _ENTRIES: dict[str, _Entry] = {
                 ),
             ),
             archive_subfolder="cats_and_dogs_filtered",
+            size="66 MB",
             info={
                 "source": "Google, cats_and_dogs_filtered.zip (TensorFlow transfer-learning "
                 "tutorial), a subset of Kaggle 'Dogs vs. Cats' (Microsoft Asirra)",
@@ -213,6 +222,7 @@ _ENTRIES: dict[str, _Entry] = {
                 ),
             ),
             archive_subfolder=None,
+            size="4 MB",
             class_names=("normal", "pneumonia"),
             info={
                 "source": "MedMNIST v2 (images from Kermany et al. 2018)",
@@ -245,6 +255,7 @@ _ENTRIES: dict[str, _Entry] = {
                 for filename in _FASHION_FILES
             ),
             archive_subfolder=None,
+            size="30 MB",
             system_paths=("/usr/share/datasets/fashion-mnist",),
             class_names=tuple(FASHION_MNIST_CLASS_NAMES),
             info={
@@ -256,8 +267,8 @@ _ENTRIES: dict[str, _Entry] = {
         _Entry(
             name="fashion_mnist_small",
             task="classification",
-            folder="data",
-            layout="<repository>/data/fashion_mnist_small.npz (shipped with tlkit)",
+            folder="fashion_mnist_small",
+            layout="fashion_mnist_small.npz (package data: tlkit/resources/)",
             is_complete=_has("fashion_mnist_small.npz"),
             downloads=(),
             archive_subfolder=None,
@@ -279,13 +290,17 @@ _ENTRIES: dict[str, _Entry] = {
             "ImageSets/Main/{train,val,test}.txt} (or the VOC names JPEGImages/, Annotations/)",
             is_complete=_has_bccd,
             downloads=(
+                # The v1.0 tag, whose sha256 TensorFlow Datasets publishes; a branch
+                # archive (master.zip) has no stable bytes to check.
                 _Download(
-                    "https://github.com/Shenggan/BCCD_Dataset/archive/refs/heads/master.zip",
-                    "BCCD_Dataset-master.zip",
-                    None,
+                    "https://github.com/Shenggan/BCCD_Dataset/archive/v1.0.zip",
+                    "BCCD_Dataset-1.0.zip",
+                    "97af5cc16d14d293fcb3c82a8f66e49b0339a8d0abd8e9508e0feeb4911caa1f",
+                    "tensorflow_datasets/datasets/bccd/checksums.tsv",
                 ),
             ),
-            archive_subfolder="BCCD_Dataset-master/BCCD",
+            archive_subfolder="BCCD_Dataset-1.0/BCCD",
+            size="8 MB",
             class_names=tuple(BCCD_CLASS_NAMES),
             info={
                 "source": "BCCD Dataset by Shenggan, https://github.com/Shenggan/BCCD_Dataset",
@@ -343,9 +358,8 @@ def _entry(name: str) -> _Entry:
 
 
 def _embedded_data_dir() -> Path:
-    import tlkit
-
-    return Path(tlkit.__file__).resolve().parents[1] / "data"
+    # Package data (pyproject's [tool.setuptools.package-data]), so it is in every wheel.
+    return Path(__file__).resolve().parents[1] / "resources"
 
 
 # ---------------------------------------------------------------------------
@@ -353,24 +367,10 @@ def _embedded_data_dir() -> Path:
 # ---------------------------------------------------------------------------
 
 
-def resolve(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """Finds (or downloads) the folder of a named dataset.
+ALLOW_UNVERIFIED_ENVIRONMENT = "TLKIT_ALLOW_UNVERIFIED_DOWNLOADS"
 
-    Args:
-        name: One of `list_datasets()`.
-        data_dir: A folder that is, or holds, the dataset folder. Searched
-            first. Defaults to `None`.
-        download: Whether to download into the cache when no copy is found.
-            Defaults to `True`.
 
-    Returns:
-        The dataset folder.
-
-    Raises:
-        ValueError: If `name` is unknown.
-        DatasetNotFoundError: If no copy is found and downloading is off or fails.
-    """
-    entry = _entry(name)
+def _candidates(entry: _Entry, data_dir: str | os.PathLike | None) -> list[Path]:
     candidates: list[Path] = []
     if data_dir is not None:
         data_dir = Path(data_dir).expanduser()
@@ -380,20 +380,133 @@ def resolve(name: str, data_dir: str | os.PathLike | None = None, download: bool
     environment = os.environ.get("TLKIT_DATA_DIR")
     if environment:
         candidates.append(Path(environment).expanduser() / entry.folder)
-    cached = cache_dir() / "datasets" / entry.folder
-    candidates.append(cached)
+    candidates.append(cache_dir() / "datasets" / entry.folder)
     candidates += [Path(path) for path in entry.system_paths]
+    return candidates
 
+
+def resolve_offline(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """Where a named dataset is on this machine, without downloading or writing anything.
+
+    Checks `data_dir`, `$TLKIT_DATA_DIR`, the cache, system copies and a
+    prepared tensorflow-datasets copy; cheap enough for test collection.
+
+    Args:
+        name: One of `list_datasets()`.
+        data_dir: A folder that is, or holds, the dataset folder. Defaults to `None`.
+
+    Returns:
+        The dataset folder (or the tfds copy's folder), or `None` when absent.
+
+    Raises:
+        ValueError: If `name` is unknown.
+    """
+    entry = _entry(name)
+    for candidate in _candidates(entry, data_dir):
+        if candidate.is_dir() and entry.is_complete(candidate):
+            return candidate
+    if entry.tfds_name:
+        return find_prepared(entry.tfds_name, data_dir)
+    return None
+
+
+def how_to_get(name: str) -> str:
+    """One line that says how to make a named dataset available.
+
+    Args:
+        name: One of `list_datasets()`.
+
+    Returns:
+        The ways to get it: `TLKIT_DATA_DIR`, the cache, tfds, a download.
+
+    Raises:
+        ValueError: If `name` is unknown.
+    """
+    entry = _entry(name)
+    if not entry.downloads and entry.name == "fashion_mnist_small":
+        return "it ships inside tlkit (tlkit/resources/); reinstall tlkit if it is missing"
+    ways = [
+        f"set TLKIT_DATA_DIR to a folder holding {entry.layout}",
+        f"or put it in {cache_dir() / 'datasets' / entry.folder}",
+    ]
+    if entry.tfds_name:
+        ways.append(f"or prepare it with tensorflow_datasets.load({entry.tfds_name!r})")
+    if entry.downloads:
+        download = entry.downloads[0]
+        checked = (
+            "sha256-checked"
+            if all(item.sha256 for item in entry.downloads)
+            else f"no published sha256: needs allow_unverified=True or "
+            f"{ALLOW_UNVERIFIED_ENVIRONMENT}=1"
+        )
+        size = f"{entry.size}, " if entry.size else ""
+        ways.append(
+            f"or run tlkit.data.load({name!r}) once online ({size}{checked}, from {download.url})"
+        )
+    return "; ".join(ways)
+
+
+def resolve(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    allow_unverified: bool = False,
+) -> Path:
+    """Finds (or downloads) the folder of a named dataset.
+
+    Args:
+        name: One of `list_datasets()`.
+        data_dir: A folder that is, or holds, the dataset folder. Searched
+            first. Defaults to `None`.
+        download: Whether to download into the cache when no copy is found.
+            Defaults to `True`.
+        allow_unverified: Whether to download files that have no published
+            sha256 (`$TLKIT_ALLOW_UNVERIFIED_DOWNLOADS=1` does the same); their
+            sha256 is printed. Defaults to `False`.
+
+    Returns:
+        The dataset folder.
+
+    Raises:
+        ValueError: If `name` is unknown.
+        DatasetNotFoundError: If no copy is found and downloading is off, refused
+            (no published sha256) or fails.
+    """
+    entry = _entry(name)
+    candidates = _candidates(entry, data_dir)
     for candidate in candidates:
         if candidate.is_dir() and entry.is_complete(candidate):
             return candidate
+    cached = cache_dir() / "datasets" / entry.folder
 
     failure = None
-    if download and entry.downloads:
+    if entry.tfds_name and find_prepared(entry.tfds_name, data_dir) is not None:
+        prepared = find_prepared(entry.tfds_name, data_dir)
+        print(f"tlkit: exporting the tensorflow-datasets copy at {prepared} to {cached} (once)")
+        try:
+            export_as_class_folders(entry.tfds_name, cached, data_dir)
+        except (OSError, ValueError) as error:
+            failure = f"exporting the tfds copy failed: {type(error).__name__}: {error}"
+        else:
+            if entry.is_complete(cached):
+                return cached
+            failure = f"the tfds copy at {prepared} does not have the layout {entry.layout}"
+
+    allowed = allow_unverified or os.environ.get(ALLOW_UNVERIFIED_ENVIRONMENT) == "1"
+    unverified = [item.url for item in entry.downloads if item.sha256 is None]
+    if download and unverified and not allowed:
+        failure = (
+            f"Download refused: no sha256 is published for {', '.join(unverified)}, so its "
+            f"content cannot be checked. Pass allow_unverified=True (or set "
+            f"{ALLOW_UNVERIFIED_ENVIRONMENT}=1) to download it anyway; its sha256 is printed."
+        )
+    elif download and entry.downloads:
         try:
             return _download(entry, cached)
         except (OSError, ValueError, tarfile.TarError, zipfile.BadZipFile) as error:
-            failure = f"{type(error).__name__}: {error}"
+            failure = (
+                f"Download from {entry.downloads[0].url} failed: {type(error).__name__}: {error}"
+            )
     raise DatasetNotFoundError(_not_found_message(entry, candidates, download, failure))
 
 
@@ -404,7 +517,7 @@ def _not_found_message(
     if not entry.downloads:
         download_line = "This dataset is not downloadable."
     elif failure:
-        download_line = f"Download from {entry.downloads[0].url} failed: {failure}"
+        download_line = failure
     elif not download:
         download_line = "Download was off (download=False)."
     else:
@@ -458,7 +571,8 @@ def _fetch(download: _Download, destination: Path) -> Path:
         if download.sha256 is None:
             print(
                 f"tlkit: sha256 of {download.filename} is {actual}; NOT verified, because "
-                "no checksum is published for it."
+                "no checksum is published for it (downloaded because unverified downloads "
+                "were allowed)."
             )
         elif actual != download.sha256:
             raise ValueError(
@@ -547,6 +661,7 @@ def load(
     download: bool = True,
     seed: int | None = 42,
     image_size: int | tuple[int, int] | None = None,
+    allow_unverified: bool = False,
 ) -> ImageDataset:
     """Loads a named classification dataset.
 
@@ -560,6 +675,8 @@ def load(
         seed: Seed of the split, for datasets without an official one
             (tf_flowers). Defaults to 42.
         image_size: Default `image_size` for `to_dataset`. Defaults to `None`.
+        allow_unverified: Whether to download files without a published
+            sha256 (see `resolve`). Defaults to `False`.
 
     Returns:
         An `ImageDataset` with `info` filled in.
@@ -580,7 +697,7 @@ def load(
             f"{name!r} is a {entry.task} dataset; load it with "
             f"tlkit.data.load_detection({name!r}). Received: name={name!r}"
         )
-    folder = resolve(name, data_dir=data_dir, download=download)
+    folder = resolve(name, data_dir=data_dir, download=download, allow_unverified=allow_unverified)
     info = {**dataset_info(name), "path": str(folder)}
     if name == "tf_flowers":
         return from_directory(
@@ -728,7 +845,10 @@ class DetectionDataset:
 
 
 def load_detection(
-    name: str = "bccd", data_dir: str | os.PathLike | None = None, download: bool = True
+    name: str = "bccd",
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    allow_unverified: bool = False,
 ) -> DetectionDataset:
     """Loads a named object-detection dataset (Pascal VOC XML annotations).
 
@@ -739,6 +859,8 @@ def load_detection(
         name: A detection dataset of `list_datasets()`: "bccd". Defaults to "bccd".
         data_dir: A folder that is, or holds, the dataset folder. Defaults to `None`.
         download: Whether to download when no copy is found. Defaults to `True`.
+        allow_unverified: Whether to download files without a published
+            sha256 (see `resolve`). Defaults to `False`.
 
     Returns:
         A `DetectionDataset`.
@@ -753,7 +875,7 @@ def load_detection(
             f"{name!r} is a {entry.task} dataset; load it with tlkit.data.load({name!r}). "
             f"Received: name={name!r}"
         )
-    folder = resolve(name, data_dir=data_dir, download=download)
+    folder = resolve(name, data_dir=data_dir, download=download, allow_unverified=allow_unverified)
     annotations = folder / "annotations"
     if not annotations.is_dir():
         annotations = folder / "Annotations"

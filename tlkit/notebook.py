@@ -6,9 +6,11 @@ checks its environment and handles missing data the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
+from pathlib import Path
 
 
 class StopNotebook(Exception):
@@ -94,3 +96,54 @@ def load_dataset_or_stop(name: str, **kwargs):
             "The rest of the notebook is skipped."
         )
         raise StopNotebook(name) from None
+
+
+def required_datasets(notebook: str | os.PathLike) -> list[str]:
+    """The datasets a notebook declares in its metadata (`metadata.tlkit.datasets`).
+
+    Args:
+        notebook: An `.ipynb` file.
+
+    Returns:
+        The catalog names, in the order declared; empty when none are declared.
+
+    Raises:
+        ValueError: If the declaration is not a list of catalog names.
+    """
+    from tlkit import data
+
+    metadata = json.loads(Path(notebook).read_text()).get("metadata", {})
+    names = metadata.get("tlkit", {}).get("datasets", [])
+    unknown = [name for name in names if name not in data.list_datasets()]
+    if not isinstance(names, list) or unknown:
+        raise ValueError(
+            f"{notebook}: metadata.tlkit.datasets must list catalog names "
+            f"({data.list_datasets()}). Received: datasets={names!r}"
+        )
+    return names
+
+
+def missing_datasets(notebook: str | os.PathLike) -> dict[str, str]:
+    """The declared datasets that are not on this machine, each with how to get it.
+
+    Only looks on disk (`tlkit.data.resolve_offline`: `$TLKIT_DATA_DIR`, the
+    cache, a prepared tensorflow-datasets copy); never downloads.
+
+    Args:
+        notebook: An `.ipynb` file.
+
+    Returns:
+        Dataset name -> a one-line reason that names it and says how to get it;
+        empty when everything the notebook needs is here.
+    """
+    from tlkit import data
+
+    missing = {}
+    for name in required_datasets(notebook):
+        if data.resolve_offline(name) is None:
+            missing[name] = (
+                f"needs the {name!r} dataset, which is not on this machine "
+                f"(TLKIT_DATA_DIR={os.environ.get('TLKIT_DATA_DIR')!r}). "
+                f"To get it: {data.how_to_get(name)}"
+            )
+    return missing

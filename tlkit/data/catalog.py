@@ -440,8 +440,10 @@ def how_to_get(name: str) -> str:
             f"{ALLOW_UNVERIFIED_ENVIRONMENT}=1"
         )
         size = f"{entry.size}, " if entry.size else ""
+        loader = "load_detection" if entry.task == "detection" else "load"
         ways.append(
-            f"or run tlkit.data.load({name!r}) once online ({size}{checked}, from {download.url})"
+            f"or run tlkit.data.{loader}({name!r}) once online ({size}{checked}, "
+            f"from {download.url})"
         )
     return "; ".join(ways)
 

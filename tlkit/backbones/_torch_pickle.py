@@ -68,6 +68,9 @@ class _TensorPlaceholder:
         base = self.storage.array
         if base is None:
             raise pickle.UnpicklingError("Tensor storage was never read from the file.")
+        check_tensor_bounds(self.offset, self.size, self.stride, base.size)
+        if 0 in self.size:
+            return np.zeros(self.size, dtype=base.dtype)
         itemsize = base.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             base[self.offset :],
@@ -76,6 +79,48 @@ class _TensorPlaceholder:
             writeable=False,
         )
         return np.array(view, copy=True)
+
+
+def check_tensor_bounds(offset, size, stride, storage_length: int) -> None:
+    """Checks that a tensor view lies inside its storage before it is read.
+
+    `as_strided` reads whatever memory the numbers point at, so a crafted file
+    could otherwise return bytes from outside the storage or crash the
+    interpreter. Python integers keep the arithmetic free of overflow.
+
+    Args:
+        offset: The storage offset, in elements.
+        size: The tensor's shape.
+        stride: The step in elements along each dimension.
+        storage_length: The number of elements in the storage.
+
+    Raises:
+        UnsafePickleError: If a number is not a non-negative integer, the
+            shape and strides differ in length, or the view reaches past the
+            end of the storage.
+    """
+    numbers = [offset, *size, *stride]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        raise UnsafePickleError(
+            "A tensor's offset, shape and strides must be non-negative integers; the weights "
+            f"file is corrupt or crafted. Received: offset={offset!r}, size={size!r}, "
+            f"stride={stride!r}"
+        )
+    if len(size) != len(stride):
+        raise UnsafePickleError(
+            "A tensor's shape and strides must have the same length; the weights file is "
+            f"corrupt or crafted. Received: size={size!r}, stride={stride!r}"
+        )
+    if 0 in size:
+        last = offset - 1  # An empty tensor reads nothing; its offset may be the end.
+    else:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if last >= storage_length:
+        raise UnsafePickleError(
+            f"A tensor reaches element {last} of a storage of {storage_length} elements; the "
+            "weights file is corrupt or crafted to read memory outside it. "
+            f"Received: offset={offset}, size={tuple(size)}, stride={tuple(stride)}"
+        )
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
@@ -137,6 +182,14 @@ def _load_plain(file: BinaryIO, what: str):
         ) from error
 
 
+def remaining_bytes(file: BinaryIO) -> int:
+    """The number of bytes between the file's position and its end."""
+    position = file.tell()
+    end = file.seek(0, 2)
+    file.seek(position)
+    return end - position
+
+
 def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
     """Reads a legacy PyTorch state_dict file into numpy arrays without torch.
 
@@ -185,6 +238,11 @@ def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
             if len(header) != 8:
                 raise ValueError(f"Weights file is truncated. Received: path={path}")
             (count,) = struct.unpack("<q", header)
+            if not 0 <= count * storage.dtype.itemsize <= remaining_bytes(file):
+                raise ValueError(
+                    "A storage in the weights file declares more bytes than the file holds; "
+                    f"it is truncated or corrupt. Received: path={path}, count={count}"
+                )
             data = file.read(count * storage.dtype.itemsize)
             if len(data) != count * storage.dtype.itemsize:
                 raise ValueError(f"Weights file is truncated. Received: path={path}")

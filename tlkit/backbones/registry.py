@@ -298,8 +298,14 @@ _INVERTED_RESIDUAL_BLOCKS = r"^(stem|block\d+|head)_"
 # What `verified` records; the numbers come from tests/test_backbones.py and
 # bench/results/backbone_verification.md.
 _IMAGENET_PHOTOS = "ImageNet top-1 on test photos: chelsea -> cat, coffee -> espresso/cup"
-_VGG16_VERIFIED = ""
-_INCEPTION_VERIFIED = ""
+_VGG16_VERIFIED = (
+    "features within 1.7e-06 of torch layers with the same arrays; tf_flowers linear probe "
+    "81.5 % (random weights 55.5 %)"
+)
+_INCEPTION_VERIFIED = (
+    "features within 3.6e-06 of torch.jit.load of the archive; tf_flowers linear probe "
+    "87.0 % (random weights 54.0 %)"
+)
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(

@@ -212,6 +212,11 @@ def test_loads_offline_with_the_file_tensors(name):
         build_backbone(name, include_top=True)
 
 
+def test_inception_refuses_images_too_small_for_it():
+    with pytest.raises(ValueError, match="at least 75 px.*Received: input_shape=\\(64, 64, 3\\)"):
+        build_backbone("inception_v3_fid", image_size=64, weights=None)
+
+
 def test_recorded_verification_numbers():
     results = json.loads((ROOT / "bench/results/backbone_verification.json").read_text())
     for name in NEW:

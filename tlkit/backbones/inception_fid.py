@@ -36,6 +36,8 @@ from tlkit.backbones.preprocessing import ImagePreprocessing
 # The network.
 # ---------------------------------------------------------------------------
 
+MINIMUM_IMAGE_SIZE = 75
+
 
 def _conv(x, filters, kernel, name, stride=1, padding="same"):
     kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
@@ -125,7 +127,16 @@ def build_network(name: str, preprocessing: str, input_shape=(None, None, 3)) ->
 
     Returns:
         A functional `keras.Model` whose output is `avg_pool`, shape (batch, 2048).
+
+    Raises:
+        ValueError: If a spatial size is below 75 px (the valid-padded layers
+            would leave nothing to pool).
     """
+    if any(size is not None and size < MINIMUM_IMAGE_SIZE for size in input_shape[:2]):
+        raise ValueError(
+            f"Inception-v3 needs images of at least {MINIMUM_IMAGE_SIZE} px; its valid-padded "
+            f"layers shrink smaller ones to nothing. Received: input_shape={tuple(input_shape)}"
+        )
     inputs = keras.Input(shape=input_shape, name="image")
     x = ImagePreprocessing(preprocessing, name="preprocessing")(inputs)
     x = _conv(x, 32, 3, "stem_conv", stride=2, padding="valid")

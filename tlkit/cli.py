@@ -299,7 +299,8 @@ def _backbones(arguments) -> int:
 
     for name in list_backbones():
         spec = get_backbone(name)
-        print(f"{name:20s} {spec.image_size:4d}px  {spec.description}")
+        mark = "verified" if spec.verified else "        "  # Recorded check: spec.verified.
+        print(f"{name:20s} {spec.image_size:4d}px  {mark}  {spec.description}")
     return 0
 
 

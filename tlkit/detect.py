@@ -45,7 +45,6 @@ import contextlib
 import io
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +65,6 @@ POSITIVE_IOU = 0.5
 NEGATIVE_IOU = 0.4
 _BACKGROUND = -1.0
 _IGNORE = -2.0
-_PYRAMID_LAYER = re.compile(r"^(block\d+_(add|project_bn)|head_relu)$")
 
 
 # ---------------------------------------------------------------------------
@@ -158,11 +156,10 @@ def make_anchors(
 
 
 def pyramid_layer_names(base: keras.Model, strides: tuple[int, ...] = (8, 16, 32)) -> list[str]:
-    """The base's last block output at each stride, for a feature pyramid.
+    """The base's last layer at each stride, for a feature pyramid.
 
-    Works for backbones whose layers follow tlkit's `stem_*`, `block{i}_*`,
-    `head_relu` naming (the offline backbones): the candidates are block
-    outputs (`block{i}_add`, `block{i}_project_bn`) and `head_relu`.
+    The registry names them (`BackboneSpec.pyramid_layers`), so nothing here
+    guesses from layer names.
 
     Args:
         base: A backbone from `tlkit.build_backbone`.
@@ -172,30 +169,24 @@ def pyramid_layer_names(base: keras.Model, strides: tuple[int, ...] = (8, 16, 32
         One layer name per stride.
 
     Raises:
-        ValueError: If the base has no suitable layer at some stride.
+        ValueError: If the backbone is not registered or has no pyramid layer
+            at some stride.
     """
-    candidates = [layer.name for layer in base.layers if _PYRAMID_LAYER.match(layer.name)]
-    probe_size = 2 * max(strides)
-    if candidates:
-        probe = keras.Model(base.input, [base.get_layer(n).output for n in candidates])
-        outputs = probe(np.zeros((1, probe_size, probe_size, 3), "float32"), training=False)
-        stride_of = {
-            n: probe_size // int(o.shape[1]) for n, o in zip(candidates, outputs, strict=True)
-        }
-    else:
-        stride_of = {}
-    names = []
-    for stride in strides:
-        at_stride = [n for n in candidates if stride_of[n] == stride]
-        if not at_stride:
-            raise ValueError(
-                f"The backbone `{base.name}` has no block output at stride {stride}. "
-                "build_detector needs layers named like tlkit's offline backbones "
-                f"(block{{i}}_add, block{{i}}_project_bn, head_relu): use one of "
-                f"{list_backbones(offline_only=True)}. Received: strides={strides}"
-            )
-        names.append(at_stride[-1])
-    return names
+    return _pyramid_layers(get_backbone(base.name), strides)
+
+
+def _pyramid_layers(spec, strides: tuple[int, ...]) -> list[str]:
+    by_stride = dict(spec.pyramid_layers)
+    missing = [stride for stride in strides if stride not in by_stride]
+    if missing:
+        usable = [n for n in list_backbones(offline_only=True) if get_backbone(n).pyramid_layers]
+        raise ValueError(
+            f"The backbone `{spec.name}` has no pyramid layer at stride {missing[0]} (its "
+            "feature maps are not exact fractions of the image, or it is not an offline "
+            f"backbone); build_detector needs strides {strides}: use one of {usable}. "
+            f"Received: backbone={spec.name!r}, strides={strides}"
+        )
+    return [by_stride[stride] for stride in strides]
 
 
 def build_detector(
@@ -251,7 +242,7 @@ def build_detector(
         >>> detector.output_shape
         (None, 5040, 7)
     """
-    get_backbone(backbone)
+    spec = get_backbone(backbone)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(
             f"num_classes must be a positive integer. Received: num_classes={num_classes!r}"
@@ -272,8 +263,8 @@ def build_detector(
         )
     image_size = (int(image_size[0]), int(image_size[1]))
     strides = (8, 16, 32)
+    names = _pyramid_layers(spec, strides)  # Before building: fails fast.
     base = build_backbone(backbone, image_size=None, weights=weights)
-    names = pyramid_layer_names(base, strides)
     feature_pyramid = keras.Model(
         base.input, [base.get_layer(n).output for n in names], name="feature_pyramid"
     )

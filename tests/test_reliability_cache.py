@@ -90,3 +90,55 @@ def test_content_fingerprint_of_flower_photos(shared_datasets):
     dataset = from_directory(folder, validation_split=0.0)
     digest = dataset.train.content_fingerprint()
     assert len(digest) == 64 and digest == dataset.train.content_fingerprint()
+
+
+# ---------------------------------------------------------------------------
+# E: damaged cache files are found, named and built again.
+# ---------------------------------------------------------------------------
+
+
+def test_a_truncated_feature_cache_file_is_named_and_rebuilt(tmp_path):
+    dataset = from_directory(_make_folder(tmp_path / "A"), validation_split=0.0)
+    base = tlkit.build_feature_extractor("mobilenet_v2", image_size=SIZE, weights=None)
+    cache = tmp_path / "cache"
+    first = extract_features(base, dataset.train, cache=cache, progress=False)
+    data = first.path.read_bytes()
+    first.path.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match=f"feature cache file {first.path} is damaged"):
+        again = extract_features(base, dataset.train, cache=cache, progress=False)
+    assert not again.from_cache
+    np.testing.assert_allclose(again.features, first.features, rtol=1e-5, atol=1e-6)
+    # Stored again, whole: the next run reads it.
+    assert extract_features(base, dataset.train, cache=cache, progress=False).from_cache
+
+
+@pytest.mark.parametrize("damage", ["truncated", "replaced"])
+def test_a_damaged_converted_weights_file_is_named_and_converted_again(
+    tmp_path, monkeypatch, damage
+):
+    from tlkit.backbones import get_backbone
+    from tlkit.backbones.registry import converted_weights_path
+
+    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    spec = get_backbone("mobilenet_v2")
+    target = converted_weights_path(spec)
+    original = target.read_bytes()
+    assert (target.parent / f"{target.name}.sha256").is_file()
+    if damage == "truncated":
+        target.write_bytes(original[: len(original) // 3])
+    else:
+        # Another valid weights file of the same network: loads fine, predicts wrongly.
+        other = tlkit.build_backbone("mobilenet_v2", weights=None, include_top=True)
+        other.save_weights(str(target))
+    with pytest.warns(UserWarning, match=f"cache file {target} is damaged or was replaced"):
+        again = converted_weights_path(spec)
+    assert again == target
+    model = tlkit.build_backbone("mobilenet_v2", include_top=True)  # Loads the rebuilt file.
+    reference = tlkit.build_backbone("mobilenet_v2", weights=None, include_top=True)
+    reference.load_weights(str(target))
+    for mine, theirs in zip(model.weights, reference.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    # The rebuilt file is the real conversion: ImageNet weights, not the replacement.
+    if damage == "replaced":
+        kernel = np.asarray(model.get_layer("predictions").kernel)
+        assert not np.array_equal(kernel, np.asarray(other.get_layer("predictions").kernel))

@@ -77,3 +77,45 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def verified_cache_file(path: str | os.PathLike) -> bool:
+    """Whether a cache file exists and still has the sha256 recorded when it was written.
+
+    The digest sits beside the file (`path` + ".sha256", written by
+    `record_checksum`). A truncated, damaged or replaced file, or one without a
+    recorded digest, is deleted (with its digest) so the caller builds it
+    again; a warning names it.
+
+    Args:
+        path: The cache file.
+
+    Returns:
+        True if the file can be used as it is; False if it must be built.
+    """
+    import warnings
+
+    path = Path(path)
+    checksum = Path(f"{path}.sha256")
+    if not path.is_file():
+        return False
+    try:
+        expected = checksum.read_text().strip()
+    except OSError:
+        expected = None
+    actual = sha256_file(path)
+    if actual == expected:
+        return True
+    warnings.warn(
+        f"The cache file {path} is damaged or was replaced (sha256 {actual[:16]}..., "
+        f"recorded {(expected or 'none')[:16]}...); building it again.",
+        stacklevel=3,
+    )
+    path.unlink(missing_ok=True)
+    checksum.unlink(missing_ok=True)
+    return False
+
+
+def record_checksum(path: str | os.PathLike) -> None:
+    """Writes the sha256 of a finished cache file beside it, for `verified_cache_file`."""
+    write_text(f"{path}.sha256", sha256_file(path) + "\n")

@@ -116,6 +116,7 @@ def test_a_truncated_feature_cache_file_is_named_and_rebuilt(tmp_path):
 def test_a_damaged_converted_weights_file_is_named_and_converted_again(
     tmp_path, monkeypatch, damage
 ):
+    from tlkit._io import sha256_file
     from tlkit.backbones import get_backbone
     from tlkit.backbones.registry import converted_weights_path
 
@@ -123,7 +124,8 @@ def test_a_damaged_converted_weights_file_is_named_and_converted_again(
     spec = get_backbone("mobilenet_v2")
     target = converted_weights_path(spec)
     original = target.read_bytes()
-    assert (target.parent / f"{target.name}.sha256").is_file()
+    checksum = tmp_path / "cache" / "checksums" / "weights" / f"{target.name}.sha256"
+    assert checksum.read_text().strip() == sha256_file(target)
     if damage == "truncated":
         target.write_bytes(original[: len(original) // 3])
     else:

@@ -82,8 +82,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 def verified_cache_file(path: str | os.PathLike) -> bool:
     """Whether a cache file exists and still has the sha256 recorded when it was written.
 
-    The digest sits beside the file (`path` + ".sha256", written by
-    `record_checksum`). A truncated, damaged or replaced file, or one without a
+    The digest is kept apart from the cache folder, in
+    `../checksums/<folder>/<name>.sha256` (written by `record_checksum`), so the
+    cache folder holds only cache files. A truncated, damaged or replaced file, or one without a
     recorded digest, is deleted (with its digest) so the caller builds it
     again; a warning names it.
 
@@ -96,7 +97,7 @@ def verified_cache_file(path: str | os.PathLike) -> bool:
     import warnings
 
     path = Path(path)
-    checksum = Path(f"{path}.sha256")
+    checksum = _checksum_path(path)
     if not path.is_file():
         return False
     try:
@@ -118,4 +119,9 @@ def verified_cache_file(path: str | os.PathLike) -> bool:
 
 def record_checksum(path: str | os.PathLike) -> None:
     """Writes the sha256 of a finished cache file beside it, for `verified_cache_file`."""
-    write_text(f"{path}.sha256", sha256_file(path) + "\n")
+    write_text(_checksum_path(path), sha256_file(path) + "\n")
+
+
+def _checksum_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.parent.parent / "checksums" / path.parent.name / f"{path.name}.sha256"

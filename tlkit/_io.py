@@ -77,3 +77,51 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def verified_cache_file(path: str | os.PathLike) -> bool:
+    """Whether a cache file exists and still has the sha256 recorded when it was written.
+
+    The digest is kept apart from the cache folder, in
+    `../checksums/<folder>/<name>.sha256` (written by `record_checksum`), so the
+    cache folder holds only cache files. A truncated, damaged or replaced file, or one without a
+    recorded digest, is deleted (with its digest) so the caller builds it
+    again; a warning names it.
+
+    Args:
+        path: The cache file.
+
+    Returns:
+        True if the file can be used as it is; False if it must be built.
+    """
+    import warnings
+
+    path = Path(path)
+    checksum = _checksum_path(path)
+    if not path.is_file():
+        return False
+    try:
+        expected = checksum.read_text().strip()
+    except OSError:
+        expected = None
+    actual = sha256_file(path)
+    if actual == expected:
+        return True
+    warnings.warn(
+        f"The cache file {path} is damaged or was replaced (sha256 {actual[:16]}..., "
+        f"recorded {(expected or 'none')[:16]}...); building it again.",
+        stacklevel=3,
+    )
+    path.unlink(missing_ok=True)
+    checksum.unlink(missing_ok=True)
+    return False
+
+
+def record_checksum(path: str | os.PathLike) -> None:
+    """Writes the sha256 of a finished cache file beside it, for `verified_cache_file`."""
+    write_text(_checksum_path(path), sha256_file(path) + "\n")
+
+
+def _checksum_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.parent.parent / "checksums" / path.parent.name / f"{path.name}.sha256"

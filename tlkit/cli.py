@@ -26,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
         # User errors: one clear line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        # A disk that refuses a write (read-only, full, no permission): one line too.
+        print(
+            f"error: {error.strerror or error} ({error.filename or 'a file'}). Check that the "
+            "folder exists and is writable, or choose another --out.",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -208,6 +216,45 @@ def resolve_data(data: str | None, validation_split: float = 0.2, seed: int = 42
     )
 
 
+def validate_train_arguments(arguments) -> None:
+    """Checks the `train` options that `TrainConfig` does not hold, before any work.
+
+    Raises:
+        ValueError: On a validation split outside [0, 1) or a non-positive
+            `--compare-seconds`.
+    """
+    split = arguments.validation_split
+    if not 0.0 <= split < 1.0:
+        raise ValueError(
+            f"--validation-split must be a fraction in [0, 1), e.g. 0.2. Received: "
+            f"validation_split={split!r}"
+        )
+    if not arguments.compare_seconds > 0:
+        raise ValueError(
+            "--compare-seconds must be a positive number of seconds. "
+            f"Received: compare_seconds={arguments.compare_seconds!r}"
+        )
+
+
+def validate_evaluation_splits(dataset, validation_split: float) -> None:
+    """Refuses a dataset with nothing to evaluate on, before features are extracted.
+
+    A run evaluates on the test split, else the validation split. With
+    neither (`--validation-split 0` on a plain class-per-folder directory) its
+    metrics.json would hold no accuracy, so the run is refused up front.
+
+    Raises:
+        ValueError: If the dataset has neither a validation nor a test split.
+    """
+    if dataset.validation is None and dataset.test is None:
+        raise ValueError(
+            f"Nothing to evaluate on: {dataset.name} has no validation or test split, so the "
+            "run would end without an accuracy. Use --validation-split above 0 (e.g. 0.2), or "
+            "a folder with train/ and test/ (or validation/) sub-folders. "
+            f"Received: validation_split={validation_split!r}"
+        )
+
+
 def _train(arguments) -> int:
     from tlkit.evaluation import format_summary
     from tlkit.training import TrainConfig, prepare_run_folder, train_run
@@ -232,11 +279,21 @@ def _train(arguments) -> int:
         out = Path("runs") / f"{name}-{arguments.backbone}"
     if arguments.resume and not arguments.out:
         raise ValueError("--resume needs the --out folder of the run to continue.")
-    prepare_run_folder(out, arguments.overwrite or arguments.resume)  # Fail before the slow part.
+    validate_train_arguments(arguments)
     from tlkit.distribute import get_strategy
 
+    # The strategy first: MultiWorkerMirroredStrategy must exist before other TensorFlow ops.
     strategy = get_strategy(arguments.strategy)
-    dataset = resolve_data(arguments.data, arguments.validation_split, arguments.seed)
+    config.validate()  # Every setting, before a folder is made or an image read.
+    created = not out.exists()
+    prepare_run_folder(out, arguments.overwrite or arguments.resume)  # Fail before the slow part.
+    try:
+        dataset = resolve_data(arguments.data, arguments.validation_split, arguments.seed)
+        validate_evaluation_splits(dataset, arguments.validation_split)
+    except (ValueError, FileNotFoundError):
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # Leave nothing behind for a rejected run.
+        raise
     if dataset.report.skipped:
         print(dataset.report)
     result = train_run(
@@ -275,10 +332,26 @@ def _train(arguments) -> int:
 def _predict(arguments) -> int:
     from tlkit.predict import load_classifier, predict_files
 
+    if arguments.top_k < 1:
+        raise ValueError(
+            f"--top-k must be at least 1 (how many classes to print). "
+            f"Received: top_k={arguments.top_k}"
+        )
     model = load_classifier(arguments.model)
-    for path, ranked in predict_files(model, arguments.images, top_k=arguments.top_k):
+    failed = 0
+    for image in arguments.images:
+        # One file at a time: a bad file is reported and the good ones still print.
+        try:
+            [(path, ranked)] = predict_files(model, [image], top_k=arguments.top_k)
+        except (ValueError, OSError) as error:
+            failed += 1
+            print(f"error: {image}: {error}", file=sys.stderr)
+            continue
         labels = ", ".join(f"{name} {score:.3f}" for name, score in ranked)
         print(f"{path}: {labels}")
+    if failed:
+        print(f"error: {failed} of {len(arguments.images)} image(s) failed.", file=sys.stderr)
+        return 1
     return 0
 
 

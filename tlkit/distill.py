@@ -372,7 +372,7 @@ def teacher_logits(
             "weights": weights_fingerprint(teacher),
             "preprocessing": preprocessing_modes(teacher),
             "image_size": int(image_size),
-            "data": split.fingerprint(),
+            "data": split.content_fingerprint(),  # Bytes, not names and times.
             "from_logits": bool(from_logits),
         }
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

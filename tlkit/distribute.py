@@ -36,7 +36,7 @@ def get_strategy(name: str | None = "none") -> tf.distribute.Strategy | None:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _MultiWorkerMirroredStrategy()
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -76,3 +76,32 @@ def scale_for_replicas(
     """
     replicas = num_replicas(strategy)
     return batch_size * replicas, learning_rate * replicas
+
+
+class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3 passes it.
+
+    With more than one worker, Keras 3 (checked on 3.15.1) makes two calls
+    that `MultiWorkerMirroredStrategy.reduce` refuses, so `fit` fails
+    (found by `tests/test_reliability_multi_worker.py`):
+
+    - `reduce("MEAN", (inputs, labels), axis=None)` on the first batch, to
+      build the model symbolically: the collective ops take one value, not a
+      tuple ("Attempt to convert a value (PerReplica...) to a Tensor").
+    - `reduce("MEAN", metric, axis=0)` on every step's scalar metrics:
+      "Invalid reduction dimension 0 for input with 0 dimensions".
+
+    This reduces each element of a structure on its own, and a scalar across
+    replicas (axis None, the only mean a scalar has); every other call is
+    passed on unchanged.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        parent = super()
+
+        def reduce_one(element):
+            local = self.experimental_local_results(element)[0]
+            scalar = getattr(getattr(local, "shape", None), "rank", None) == 0
+            return parent.reduce(reduce_op, element, None if scalar else axis)
+
+        return tf.nest.map_structure(reduce_one, value)

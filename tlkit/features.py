@@ -7,7 +7,7 @@ image), stores them on disk, and trains the head on them in seconds.
 
 The cache key covers everything that changes the features: the base's actual
 weight values (so a fine-tuned base never reuses stale features), its name,
-its input preprocessing mode (which has no weights), the image size, the dataset split's fingerprint, the augmentation config, the
+its input preprocessing mode (which has no weights), the image size, the dataset split's content (a hash of every file's bytes), the augmentation config, the
 number of views and the seed.
 """
 
@@ -122,7 +122,8 @@ def cache_key(
         "weights": weights_fingerprint(base),
         "preprocessing": preprocessing_modes(base),
         "image_size": int(image_size),
-        "data": split.fingerprint(),
+        # Content, not names, sizes and times: a `cp -p` copy with other pixels must miss.
+        "data": split.content_fingerprint(),
         "views": int(views),
         "augmentation": _augmentation_config(augmentation) if views > 1 else None,
         "seed": int(seed),
@@ -201,9 +202,9 @@ def extract_features(
         folder = Path(cache) if not isinstance(cache, bool) else cache_dir() / "features"
         key = cache_key(base, split, image_size, views, augmentation, seed)
         path = folder / f"{base.name}-{image_size}px-{key[:24]}.npz"
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as stored:
-                return FeatureSet(stored["features"], stored["labels"], views, path, True)
+        cached = read_cached_features(path, split, views)
+        if cached is not None:
+            return cached
 
     infer = forward_function(base, image_size, backend, images=len(split) * views)
     steps = math.ceil(len(split) / batch_size) * views
@@ -231,6 +232,44 @@ def extract_features(
         with atomic_path(path) as temporary:
             np.savez(temporary, features=result.features, labels=result.labels)
     return result
+
+
+def read_cached_features(path: Path, split, views: int) -> FeatureSet | None:
+    """The features stored at `path`, or None when there are none or they are damaged.
+
+    A truncated or otherwise unreadable file, or one whose rows and labels do
+    not fit the split, is deleted with a warning that names it, so the caller
+    computes and stores the features again instead of crashing on every run.
+
+    Args:
+        path: The cache file (`.npz`).
+        split: The split the features belong to.
+        views: The number of views stored.
+
+    Returns:
+        A `FeatureSet` read from the cache, or None.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            features, labels = stored["features"], stored["labels"]
+        # Files that fail to decode are dropped while extracting, so there may be fewer rows.
+        if len(features) != len(labels) or len(labels) > len(split) * views:
+            raise ValueError(f"{len(features)} rows and {len(labels)} labels")
+        if len(labels) and not 0 <= labels.min() <= labels.max() < split.num_classes:
+            raise ValueError(f"labels outside 0..{split.num_classes - 1}")
+    except Exception as error:  # noqa: BLE001 - any damage means: compute again.
+        import warnings
+
+        warnings.warn(
+            f"The feature cache file {path} is damaged ({type(error).__name__}: {error}); "
+            "computing the features again.",
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        return None
+    return FeatureSet(features, labels, views, path, True)
 
 
 def train_head(

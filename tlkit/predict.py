@@ -19,7 +19,8 @@ def load_classifier(path: str | os.PathLike) -> keras.Model:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If it is not a `.keras` file.
+        ValueError: If it is not a `.keras` file, is corrupt, or names a
+            class (layer) that is not registered.
     """
     path = Path(path)
     if not path.is_file():
@@ -30,11 +31,49 @@ def load_classifier(path: str | os.PathLike) -> keras.Model:
         raise ValueError(
             f"Expected a .keras model file written by `tlkit train`. Received: model={path}"
         )
-    with warnings.catch_warnings():
-        # A model saved before its optimizer was built reloads fine, but Keras warns
-        # that it skipped the (empty) optimizer state.
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        return keras.models.load_model(path, safe_mode=True)
+    check_keras_archive(path)
+    try:
+        with warnings.catch_warnings():
+            # A model saved before its optimizer was built reloads fine, but Keras warns
+            # that it skipped the (empty) optimizer state.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return keras.models.load_model(path, safe_mode=True)
+    except (TypeError, ValueError, KeyError, OSError) as error:
+        # Keras reports an unknown class as a TypeError and some broken archives as
+        # "File not found"; say which file failed and why, in one line.
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(
+            f"Cannot load the model {path}: {type(error).__name__}: {reason}. Pass a "
+            f"model.keras written by `tlkit train` (with tlkit installed). Received: model={path}"
+        ) from error
+
+
+def check_keras_archive(path: str | os.PathLike) -> None:
+    """Refuses a `.keras` file that is not a readable zip with a model config, in one line.
+
+    Keras itself says "File not found" for a corrupt archive that exists.
+
+    Raises:
+        ValueError: If the file is not a zip archive or lacks `config.json`.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ValueError(
+            f"The model file {path} is corrupt or truncated (not a readable .keras zip "
+            f"archive: {error}). Train again or copy the file again. Received: model={path}"
+        ) from error
+    if broken is not None or "config.json" not in names:
+        what = f"member {broken} is damaged" if broken else "it has no config.json"
+        raise ValueError(
+            f"The model file {path} is not a complete .keras archive ({what}). Train again "
+            f"or copy the file again. Received: model={path}"
+        )
 
 
 def predict_files(model: keras.Model, paths, top_k: int = 3):
@@ -47,7 +86,13 @@ def predict_files(model: keras.Model, paths, top_k: int = 3):
 
     Returns:
         A list of (path, [(name, probability), ...]) in input order.
+
+    Raises:
+        ValueError: If `top_k` is not a positive integer, or an image cannot
+            be read (`tlkit.data.ImageDecodeError`).
     """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, e.g. 3. Received: top_k={top_k!r}")
     names = get_class_names(model)
     size = model.get_layer("resize").get_config()["height"] if _has_layer(model, "resize") else None
     results = []

@@ -11,7 +11,8 @@
   that differs from the data's.
 - Data: class imbalance (with the class weights to use), byte-identical images
   within and between splits (and above all under two labels), near-identical
-  images between splits, and unreadable files.
+  images between splits or under two labels (in any split), and unreadable
+  files.
 - Detection data: boxes the loader dropped (zero-area or malformed) and
   duplicate images.
 
@@ -724,6 +725,7 @@ def _check_dataset(report: DoctorReport, dataset: ImageDataset, near_duplicates:
     if near_duplicates:
         start = time.perf_counter()
         _check_near_duplicates(report, dataset, items, digests, fingerprints)
+        _check_near_duplicate_label_conflicts(report, dataset, items, digests, fingerprints)
         report.seconds["near_duplicates"] = time.perf_counter() - start
 
 
@@ -1000,6 +1002,55 @@ def _check_near_duplicates(
         "the copies from the evaluation splits.",
         counts=counts,
         different_labels=different_labels,
+        pairs=described,
+        examples=described[:_MAX_LISTED],
+    )
+
+
+def _check_near_duplicate_label_conflicts(
+    report: DoctorReport, dataset: ImageDataset, items, digests, fingerprints
+) -> None:
+    """Near-identical images under two labels, in any splits (the same split included).
+
+    `_check_near_duplicates` compares splits with each other only; a resized
+    copy of a daisy filed under roses in the same split is as harmful, so every
+    pair with different labels is compared here.
+    """
+    if fingerprints is None:
+        return
+    hashes, thumbnails = fingerprints
+    labels = np.array([item[2] for item in items])
+    pairs: list[tuple[int, int]] = []
+    for start in range(0, len(items), _PAIR_CHUNK):
+        rows = np.arange(start, min(start + _PAIR_CHUNK, len(items)))
+        columns = np.arange(start, len(items))  # Each pair once: column > row.
+        distance = np.bitwise_count(hashes[rows][:, None] ^ hashes[columns][None, :])
+        close = (
+            (distance <= NEAR_DUPLICATE_DISTANCE)
+            & (labels[rows][:, None] != labels[columns][None, :])
+            & (columns[None, :] > rows[:, None])
+        )
+        for row, column in zip(*np.nonzero(close), strict=True):
+            first, second = int(rows[row]), int(columns[column])
+            if digests[first] == digests[second]:
+                continue  # Byte-identical: reported as duplicate_label_conflict.
+            difference = float(np.abs(thumbnails[first] - thumbnails[second]).mean())
+            if difference <= NEAR_DUPLICATE_DIFFERENCE:
+                pairs.append((first, second))
+    if not pairs:
+        return
+    described = [
+        f"{items[a][0]}: {items[a][3]} ({dataset.class_names[items[a][2]]}) ~ "
+        f"{items[b][0]}: {items[b][3]} ({dataset.class_names[items[b][2]]})"
+        for a, b in pairs
+    ]
+    report._add(
+        "error",
+        "near_duplicate_label_conflict",
+        f"{len(pairs)} pair(s) of near-identical images (re-encoded, resized or lightly "
+        "edited copies) carry different labels, so the model is taught both answers. "
+        "Look at them, keep the copy with the right label and delete the other.",
+        count=len(pairs),
         pairs=described,
         examples=described[:_MAX_LISTED],
     )

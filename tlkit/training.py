@@ -8,6 +8,7 @@ overwritten unless `overwrite=True`.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import sys
@@ -88,6 +89,70 @@ class TrainConfig:
         if self.epochs == 0 and self.fine_tune_epochs == 0:
             raise ValueError("Nothing to train: epochs and fine_tune_epochs are both 0.")
 
+    def validate(self) -> None:
+        """Checks every setting before any work, so a bad one fails in a second.
+
+        `__post_init__` checks the cheap ones; this also checks sizes, rates,
+        the augmentation preset and, when fine-tuning, that `fine_tune_blocks`
+        is not more than the backbone has (by building it once without
+        weights). `train_run` and the command line call it first, before a run
+        folder is created or an image is read.
+
+        Raises:
+            ValueError: On the first bad setting, naming it and the accepted
+                values.
+        """
+        from tlkit.augment import list_presets
+
+        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 32):
+            raise ValueError(
+                "image_size must be an integer of at least 32, or None for the backbone's "
+                f"own ({get_backbone(self.backbone).image_size}). "
+                f"Received: image_size={self.image_size!r}"
+            )
+        for name in ("batch_size", "head_batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(
+                    f"{name} must be a positive integer, e.g. 32. Received: {name}={value!r}"
+                )
+        for name in ("learning_rate", "fine_tune_learning_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number. Received: {name}={value!r}")
+        if not isinstance(self.dropout_rate, (int, float)) or not 0 <= self.dropout_rate < 1:
+            raise ValueError(
+                f"dropout_rate must be in [0, 1). Received: dropout_rate={self.dropout_rate!r}"
+            )
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer. Received: seed={self.seed!r}")
+        presets = sorted(list_presets())
+        if self.augmentation is not None and self.augmentation not in presets:
+            raise ValueError(
+                f"augmentation must be one of {presets} or None. "
+                f"Received: augmentation={self.augmentation!r}"
+            )
+        if self.fine_tune_epochs:
+            available = _block_count(self.backbone)
+            if self.fine_tune_blocks > available:
+                raise ValueError(
+                    f"fine_tune_blocks must be between 0 and {available}, the blocks of "
+                    f"{self.backbone}. Received: fine_tune_blocks={self.fine_tune_blocks}"
+                )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_count(backbone: str) -> int:
+    """How many blocks `unfreeze` can count in a backbone (built once, without weights)."""
+    from tlkit.backbones import build_backbone
+    from tlkit.models import block_names
+
+    return len(block_names(build_backbone(backbone, weights=None)))
+
 
 @dataclass
 class RunResult:
@@ -104,6 +169,7 @@ def prepare_run_folder(out: str | Path, overwrite: bool = False) -> Path:
 
     Raises:
         FileExistsError: If `out` exists, is not empty and `overwrite` is False.
+        ValueError: If `out` cannot be created or written.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -115,8 +181,32 @@ def prepare_run_folder(out: str | Path, overwrite: bool = False) -> Path:
             f"The run folder {out} already holds a run. Choose another --out, or pass "
             f"--overwrite (overwrite=True) to replace its files. Received: out={out}"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out)
     return out
+
+
+def check_writable_folder(out: Path) -> None:
+    """Creates `out` and proves a file can be written there, or fails in one line.
+
+    A real write is the only reliable test: `os.access` ignores what the
+    superuser may do and says nothing of a full disk.
+
+    Raises:
+        ValueError: If the folder cannot be created (a regular file is on its
+            path) or a file cannot be written into it (read-only filesystem,
+            no permission).
+    """
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"Cannot write the run folder {out}: {error.strerror or error}. Choose an --out "
+            f"on a writable disk, not under a regular file. Received: out={out}"
+        ) from error
 
 
 def train_run(
@@ -171,6 +261,7 @@ def train_run(
     from tlkit import distribute
 
     config = config or TrainConfig()
+    config.validate()  # Every setting, before a folder is made or an image read.
     if resume and out is None:
         raise ValueError("resume=True needs the run folder to resume. Received: out=None")
     if out is not None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import keras
 
-from tlkit._io import atomic_path, cache_dir, sha256_file
+from tlkit._io import atomic_path, cache_dir, record_checksum, sha256_file, verified_cache_file
 from tlkit.backbones import (
     _inverted_residual,
     efficientnet_lite,
@@ -192,13 +192,14 @@ def converted_weights_path(spec: BackboneSpec) -> Path:
             f"{spec.weights.install}. Received: sha256={digest}"
         )
     target = cache_dir() / "weights" / f"{spec.name}-{digest[:16]}.weights.h5"
-    if target.is_file():
+    if verified_cache_file(target):  # A truncated or replaced file is converted again.
         return target
     network = _OFFLINE_NETWORKS[spec.name]
     model = network.build(spec.name, spec.preprocessing, (spec.image_size, spec.image_size, 3))
     network.load_weights(model, str(source_path))
     with atomic_path(target) as temporary:
         model.save_weights(str(temporary))
+    record_checksum(target)
     return target
 
 

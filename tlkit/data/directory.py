@@ -196,6 +196,8 @@ def _scan_classes(
             f"e.g. {str(folder / 'cats')!r} and {str(folder / 'dogs')!r}.{hint} "
             f"Received: path={str(folder)!r}"
         )
+    for class_folder in class_folders:
+        _refuse_looping_link(folder, class_folder)
     class_names = [child.name for child in class_folders]
     candidates: list[tuple[str, int]] = []
     for label, class_folder in enumerate(class_folders):
@@ -240,6 +242,31 @@ def _scan_classes(
                 f"parent folder. Received: class_names={class_names}"
             )
     return class_names, files
+
+
+def _refuse_looping_link(folder: Path, class_folder: Path) -> None:
+    """Refuses a class folder that is a link back into the data.
+
+    A link to the data folder or one of its ancestors would make a class of
+    every image under a second label; a link to a folder inside the data
+    folder would file another class's images twice. Links to folders
+    elsewhere (data on another disk) are fine.
+
+    Raises:
+        ValueError: If `class_folder` is such a link.
+    """
+    if not class_folder.is_symlink():
+        return
+    target = class_folder.resolve()
+    root = folder.resolve()
+    if target == root or target in root.parents or root in target.parents:
+        inside = root in target.parents
+        where = "a folder inside the data folder" if inside else "the data folder or above it"
+        raise ValueError(
+            f"Class folder {str(class_folder)!r} is a link to {str(target)!r}, {where}: its "
+            "images would be counted again under a second label. Remove the link or replace "
+            f"it by a real folder. Received: class_folder={str(class_folder)!r}"
+        )
 
 
 def _walk_images(class_folder: Path) -> list[str]:

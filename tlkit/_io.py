@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash leaves either the old file or the new one."""
+"""Atomic file writes (a crash leaves either the old file or the new one), progress bars."""
 
 from __future__ import annotations
 
@@ -77,3 +77,17 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def progress_bar(total: int, description: str, enabled: bool):
+    """A tqdm bar counting batches (text or notebook widget), disabled when not `enabled`."""
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        # tqdm.auto warns in Jupyter without ipywidgets, then falls back to text bars.
+        warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch", disable=not enabled, leave=False)

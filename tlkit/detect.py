@@ -263,7 +263,8 @@ def build_detector(
     ):
         raise ValueError(
             "image_size must be a (height, width) pair of multiples of 32, e.g. (256, 320), so "
-            f"the stride-32 map is exactly half the stride-16 one. Received: image_size={image_size!r}"
+            "the stride-32 map is exactly half the stride-16 one. "
+            f"Received: image_size={image_size!r}"
         )
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(
@@ -398,7 +399,8 @@ def save_detector(detector: keras.Model, path: str | os.PathLike) -> None:
     """
     if not str(path).endswith(".keras"):
         raise ValueError(
-            f"A detector is saved as one .keras file, e.g. 'detector.keras'. Received: path={str(path)!r}"
+            "A detector is saved as one .keras file, e.g. 'detector.keras'. "
+            f"Received: path={str(path)!r}"
         )
     if not any(isinstance(layer, DetectionOutput) for layer in detector.layers):
         raise ValueError(

@@ -10,6 +10,9 @@ import os
 import platform
 import sys
 
+import tlkit
+from tlkit import data
+
 
 class StopNotebook(Exception):
     """Stops a notebook run after a plain message, without a traceback.
@@ -48,8 +51,6 @@ def check_environment() -> dict[str, str]:
     import keras
     import tensorflow as tf
 
-    import tlkit
-
     versions = {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
@@ -62,7 +63,8 @@ def check_environment() -> dict[str, str]:
         raise StopNotebook("Keras 3 required")
     gpus = tf.config.list_physical_devices("GPU")
     print(
-        f"Running on {'GPU: ' + gpus[0].name if gpus else 'CPU'}; QUICK mode is {'on' if quick_mode() else 'off'}."
+        f"Running on {'GPU: ' + gpus[0].name if gpus else 'CPU'}; "
+        f"QUICK mode is {'on' if quick_mode() else 'off'}."
     )
     return versions
 
@@ -82,8 +84,6 @@ def load_dataset_or_stop(name: str, **kwargs):
     Raises:
         StopNotebook: If the dataset cannot be found (after the message).
     """
-    from tlkit import data
-
     try:
         if name in data.list_datasets() and data.dataset_info(name)["task"] == "detection":
             return data.load_detection(name, **kwargs)

@@ -18,11 +18,16 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tlkit import evaluation
+from tlkit import distribute, evaluation
 from tlkit._io import atomic_path, write_json
+from tlkit._keras_compat import flatten_layers, seed_generators
+from tlkit._version import __version__
 from tlkit.backbones import get_backbone
-from tlkit.features import extract_features, train_head
-from tlkit.models import build_classifier, build_feature_extractor, build_head, unfreeze
+from tlkit.features import extract_features
+from tlkit.heads import build_head, train_head
+from tlkit.inference import BACKENDS, inference_function
+from tlkit.input_config import resolve_input_config
+from tlkit.models import build_classifier, build_feature_extractor, unfreeze
 
 
 @dataclass
@@ -79,8 +84,6 @@ class TrainConfig:
                 )
         if not isinstance(self.views, int) or self.views < 1:
             raise ValueError(f"views must be at least 1. Received: views={self.views!r}")
-        from tlkit.features import BACKENDS
-
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"backend must be one of {list(BACKENDS)}. Received: backend={self.backend!r}"
@@ -168,8 +171,6 @@ def train_run(
         ValueError: If `resume` finds no checkpoint, a finished run, or a
             checkpoint made with another config or other data.
     """
-    from tlkit import distribute
-
     config = config or TrainConfig()
     if resume and out is None:
         raise ValueError("resume=True needs the run folder to resume. Received: out=None")
@@ -185,7 +186,7 @@ def train_run(
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     spec = get_backbone(config.backbone)
-    image_size = config.image_size or spec.image_size
+    image_size = resolve_input_config(config.image_size, backbone=config.backbone).image_size
     replicas = distribute.num_replicas(strategy)
     batch_size, learning_rate = distribute.scale_for_replicas(
         config.batch_size, config.learning_rate, strategy
@@ -370,8 +371,6 @@ def _fine_tune_with_checkpoints(
     log,
 ):
     """Fine-tunes epoch by epoch, checkpointing model and optimizer after each."""
-    from tlkit import distribute
-
     first_epoch = state["fine_tune_epochs_done"] if state else 0
     checkpoint = checkpoints / "fine_tune.keras" if checkpoints is not None else None
     if first_epoch:
@@ -434,8 +433,8 @@ def reseed_layers(model: keras.Model, seed: int) -> None:
     """
     generators = [
         generator
-        for layer in model._flatten_layers(include_self=True)
-        for generator in (getattr(layer, "_seed_generators", None) or [])
+        for layer in flatten_layers(model, include_self=True)
+        for generator in seed_generators(layer)
     ]
     for index, generator in enumerate(generators):
         generator.state.assign(np.asarray([seed + index, 0], dtype=generator.state.dtype))
@@ -495,8 +494,6 @@ def _load_state(checkpoints, config, fingerprints) -> dict:
 
 def predict_split(model: keras.Model, split, image_size: int, batch_size: int = 64):
     """Class probabilities and true labels for every readable image of a split."""
-    from tlkit.features import inference_function
-
     # A compiled forward pass (one per model) rather than predict_on_batch, which returns
     # one row per replica and image under a tf.distribute strategy.
     forward = inference_function(model, jit_compile=False)
@@ -526,10 +523,8 @@ def versions() -> dict[str, str]:
     """Versions of the software that produced a result."""
     import tensorflow as tf
 
-    import tlkit
-
     return {
-        "tlkit": tlkit.__version__,
+        "tlkit": __version__,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,

@@ -1,8 +1,10 @@
 """Fine-tuning: unfreeze the top blocks of the base and train them with the head.
 
-Two ways, one set of rules (BatchNorm frozen and in inference mode, a low
-learning rate, `tlkit.models.unfreeze`'s choice of blocks):
-- `fine_tune`: the two-phase recipe on images, end to end;
+One set of rules (BatchNorm frozen and in inference mode, a low learning
+rate, `tlkit.models.unfreeze`'s choice of blocks), three data paths:
+- `fine_tune`: the two-phase recipe on a `tf.data` pipeline of images;
+- `fine_tune_split`: epoch by epoch on an image split, every epoch seeded
+  from `(seed, epoch)` so a run can resume (`tlkit.train_run` uses it);
 - `fine_tune_cached`: only the top blocks, trained on cached activations of
   the frozen blocks below (`split_at_block`, `build_upper_classifier`), which
   on a CPU is several times faster.
@@ -11,10 +13,12 @@ learning rate, `tlkit.models.unfreeze`'s choice of blocks):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import keras
+import numpy as np
 
-from tlkit._keras_compat import flatten_layers
+from tlkit._keras_compat import flatten_layers, seed_generators
 from tlkit.backbones import get_backbone
 from tlkit.features import extract_features, select_images
 from tlkit.heads import compile_classifier, fit_on_features, resolve_class_weight
@@ -78,6 +82,97 @@ def fine_tune(
         )
         histories["fine_tune"] = history.history
     return histories
+
+
+def fine_tune_split(
+    model: keras.Model,
+    train_split,
+    validation_split=None,
+    *,
+    image_size: int,
+    epochs: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    first_epoch: int = 0,
+    history: dict[str, list[float]] | None = None,
+    on_epoch_end: Callable[[int, dict[str, list[float]]], None] | None = None,
+    verbose: int | str = 0,
+) -> dict[str, list[float]]:
+    """Fits an unfrozen classifier on a split epoch by epoch, reproducibly and resumably.
+
+    Every epoch's shuffle order and random draws (augmentation, dropout)
+    derive from `(seed, epoch)` alone, so a run resumed at `first_epoch` in a
+    new process does exactly what the uninterrupted run did. `tlkit.train_run`
+    fine-tunes with it and checkpoints in `on_epoch_end`.
+
+    Args:
+        model: A classifier, already unfrozen (`tlkit.models.unfreeze`) and
+            compiled.
+        train_split: The training `tlkit.data.ImageSplit`.
+        validation_split: The validation split, or None. Defaults to None.
+        image_size: Square size the images are resized to.
+        epochs: The last epoch (exclusive), counted from 0.
+        batch_size: Training batch size (validation uses 2x). Defaults to 32.
+        seed: Seed of the shuffles and random draws. Defaults to 0.
+        first_epoch: The first epoch to run, e.g. after a checkpoint.
+            Defaults to 0.
+        history: The history of the epochs before `first_epoch`, extended by
+            the new ones (not changed in place). Defaults to None.
+        on_epoch_end: Called after each epoch with the epoch index and the
+            history so far. Defaults to None.
+        verbose: Keras verbosity. Defaults to 0.
+
+    Returns:
+        The Keras history dict of all epochs (the given `history` first).
+    """
+    validation_images = (
+        validation_split.to_dataset(image_size, batch_size=batch_size * 2)
+        if validation_split is not None
+        else None
+    )
+    history = {key: list(values) for key, values in (history or {}).items()}
+    for epoch in range(first_epoch, epochs):
+        # Shuffle order and random draws depend on (seed, epoch) only, so a resumed
+        # run repeats exactly what the uninterrupted one would have done.
+        keras.utils.set_random_seed(seed + 1 + epoch)
+        reseed_layers(model, seed * 1000 + epoch)
+        train_images = train_split.to_dataset(
+            image_size, batch_size=batch_size, shuffle=True, seed=seed + epoch
+        )
+        result = model.fit(
+            train_images,
+            validation_data=validation_images,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            verbose=verbose,
+            shuffle=False,  # The dataset shuffles itself.
+        )
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(values)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history)
+    return history
+
+
+def reseed_layers(model: keras.Model, seed: int) -> None:
+    """Sets the random state of every augmentation and dropout layer from `seed`.
+
+    Keras layers draw from their own `SeedGenerator`, whose state is not saved
+    with the model and which `keras.utils.set_random_seed` does not reset, so a
+    resumed run would draw other random numbers than the uninterrupted one.
+    Keras has no public call to reseed built layers; this sets the states.
+
+    Args:
+        model: The model; nested models are included.
+        seed: The seed; layer `i` gets state `(seed + i, 0)`.
+    """
+    generators = [
+        generator
+        for layer in flatten_layers(model, include_self=True)
+        for generator in seed_generators(layer)
+    ]
+    for index, generator in enumerate(generators):
+        generator.state.assign(np.asarray([seed + index, 0], dtype=generator.state.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +351,8 @@ def fine_tune_cached(
     if head.input_shape[-1] != base.output_shape[-1]:
         raise ValueError(
             f"The head takes {head.input_shape[-1]} features but {base.name} gives "
-            f"{base.output_shape[-1]}; build it with build_head({base.output_shape[-1]}, num_classes). "
+            f"{base.output_shape[-1]}; build it with "
+            f"build_head({base.output_shape[-1]}, num_classes). "
             f"Received: head.input_shape={head.input_shape}"
         )
     num_classes = int(head.output_shape[-1])

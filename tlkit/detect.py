@@ -57,6 +57,7 @@ from keras.utils import bounding_boxes
 from tlkit._io import atomic_path
 from tlkit.backbones import build_backbone, get_backbone, list_backbones
 from tlkit.data.images import load_image
+from tlkit.metadata import ModelMetadata
 
 # Box offsets are divided by these before regression (the usual SSD/RetinaNet values).
 BOX_VARIANCE = (0.1, 0.1, 0.2, 0.2)
@@ -299,7 +300,7 @@ def build_detector(
 
 
 @keras.saving.register_keras_serializable(package="tlkit")
-class DetectionOutput(keras.layers.Layer):
+class DetectionOutput(ModelMetadata):
     """The detector's last layer: passes the raw predictions through unchanged.
 
     It records how to read them (the anchors' settings, the class names and
@@ -329,24 +330,16 @@ class DetectionOutput(keras.layers.Layer):
         **kwargs,
     ):
         kwargs.setdefault("name", "detections")
-        super().__init__(**kwargs)
-        self.class_names = [str(name) for name in class_names]
+        super().__init__(class_names, **kwargs)
         self.strides = tuple(int(stride) for stride in strides)
         self.anchor_scale = float(anchor_scale)
         self.scales = tuple(float(scale) for scale in scales)
         self.aspect_ratios = tuple(float(ratio) for ratio in aspect_ratios)
         self.pyramid_layers = list(pyramid_layers) if pyramid_layers is not None else None
 
-    def call(self, inputs):
-        return inputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {
             **super().get_config(),
-            "class_names": list(self.class_names),
             "strides": list(self.strides),
             "anchor_scale": self.anchor_scale,
             "scales": list(self.scales),

@@ -557,7 +557,7 @@ def export_command(
         model_path: A `model.keras` written by `tlkit train`.
         out_dir: The export folder.
         data: A class-per-folder directory or a dataset name (see
-            `tlkit.cli.resolve_data`). Defaults to None: no checks, and int8
+            `tlkit.data.source.resolve_data`). Defaults to None: no checks, and int8
             is left out because it needs real images to calibrate.
         formats: Which of `FORMATS` to write. Defaults to all of them.
         overwrite: Whether to replace an existing export folder. Defaults to

@@ -23,6 +23,7 @@ from tlkit.backbones import build_backbone, get_backbone
 from tlkit.backbones.preprocessing import ImagePreprocessing
 from tlkit.heads import build_head, check_num_classes, compile_classifier
 from tlkit.input_config import resolve_input_config
+from tlkit.metadata import ModelMetadata, find_metadata
 
 # ---------------------------------------------------------------------------
 # Builders
@@ -30,33 +31,18 @@ from tlkit.input_config import resolve_input_config
 
 
 @keras.saving.register_keras_serializable(package="tlkit")
-class ClassNames(keras.layers.Layer):
-    """An identity layer that carries the class names inside a saved model.
+class ClassNames(ModelMetadata):
+    """An identity layer that carries the class names inside a saved classifier.
 
     Args:
         class_names: The class names, in label order.
     """
 
-    def __init__(self, class_names: list[str], **kwargs):
-        super().__init__(**kwargs)
-        self.class_names = [str(name) for name in class_names]
-
-    def call(self, inputs):
-        return inputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "class_names": self.class_names}
-
 
 def get_class_names(model: keras.Model) -> list[str] | None:
-    """The class names stored in a tlkit classifier, or None if it has none."""
-    for layer in model.layers:
-        if isinstance(layer, ClassNames):
-            return list(layer.class_names)
-    return None
+    """The class names stored in a tlkit classifier or detector, or None if it has none."""
+    metadata = find_metadata(model)
+    return list(metadata.class_names) if metadata is not None else None
 
 
 def build_feature_extractor(

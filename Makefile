@@ -31,6 +31,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check tlkit tests
+	$(BIN)/ruff format --check tlkit tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
 		QUICK=1 $(BIN)/python -m pytest -q -rs --nbval-lax notebooks; \
@@ -42,6 +44,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check tlkit tests
 	$(BIN)/ruff format --check tlkit tests
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

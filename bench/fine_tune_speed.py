@@ -1,7 +1,7 @@
 """Fine-tuning the top blocks on cached lower-block activations vs plain fine-tuning.
 
 When only the top blocks are unfrozen, the frozen blocks below compute the same
-function every epoch. `tlkit.features.split_at_block` cuts the base there; the
+function every epoch. `tlkit.fine_tuning.split_at_block` cuts the base there; the
 lower part runs once over a fixed number of augmented views (`extract_features`
 on the lower model, cached like features), and only the upper blocks and the
 head train on those activations (`build_upper_classifier`).
@@ -46,8 +46,9 @@ def _prepare(args):
     import keras
 
     from tlkit.backbones import get_backbone
-    from tlkit.features import extract_features, train_head
-    from tlkit.models import build_feature_extractor, build_head
+    from tlkit.features import extract_features
+    from tlkit.heads import build_head, train_head
+    from tlkit.models import build_feature_extractor
 
     keras.utils.set_random_seed(args.seed)
     dataset = _common.load_dataset(DATASET, args.quick, per_class=8)
@@ -101,7 +102,8 @@ def plain(params: dict, args) -> dict:
 def cached(params: dict, args) -> dict:
     import keras
 
-    from tlkit.features import build_upper_classifier, extract_features, split_at_block
+    from tlkit.features import extract_features
+    from tlkit.fine_tuning import build_upper_classifier, split_at_block
     from tlkit.models import block_names
 
     dataset, base, head = _prepare(args)

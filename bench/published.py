@@ -15,7 +15,7 @@
   upsampled, as for the paper's 224 rows): the head on frozen features. And
   `fine_tuned`: the same base with its top blocks (block15, block16, head
   convolution) fine-tuned on cached lower-block activations
-  (`tlkit.models.fine_tune_cached`): lower activations for 3 views per image
+  (`tlkit.fine_tuning.fine_tune_cached`): lower activations for 3 views per image
   (plain + 2 "medical" augmentations, no flips) computed once; the head trained
   on the features `upper` makes of them (no second pass of the base), with
   balanced class weights (the training split is 74 % pneumonia); then 2 epochs
@@ -114,8 +114,10 @@ def fine_tuned(params: dict, args) -> dict:
     import keras
 
     from tlkit import evaluation
-    from tlkit.features import FeatureSet, extract_features, split_at_block, train_head
-    from tlkit.models import build_feature_extractor, build_head, fine_tune_cached
+    from tlkit.features import FeatureSet, extract_features
+    from tlkit.fine_tuning import fine_tune_cached, split_at_block
+    from tlkit.heads import build_head, train_head
+    from tlkit.models import build_feature_extractor
     from tlkit.training import predict_split
 
     seed, size = params["seed"], params["image_size"]

@@ -173,8 +173,9 @@ def cached_features(params: dict, args) -> dict:
     import keras
 
     from tlkit.backbones import get_backbone
-    from tlkit.features import extract_features, train_head
-    from tlkit.models import build_feature_extractor, build_head
+    from tlkit.features import extract_features
+    from tlkit.heads import build_head, train_head
+    from tlkit.models import build_feature_extractor
 
     keras.utils.set_random_seed(args.seed)
     dataset = _common.load_dataset(DATASET, args.quick, per_class=6)

@@ -8,7 +8,8 @@ import pytest
 
 from tlkit.backbones import ImagePreprocessing, build_backbone
 from tlkit.data import ImageSplit
-from tlkit.features import cache_key, preprocessing_modes
+from tlkit.features import cache_key
+from tlkit.fingerprint import preprocessing_modes
 
 
 def _mode(model) -> str:

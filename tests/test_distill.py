@@ -311,7 +311,10 @@ def test_distillation_dataset_hides_labels_outside_labelled(image_split):
 
 
 def test_distiller_learns_from_unlabelled_examples(image_split):
-    """With one label, the soft targets on the other examples still move the student to the teacher."""
+    """With one label, the soft targets on the other examples still move the student.
+
+    They move it toward the teacher.
+    """
     teacher = _image_model("teacher", 1, hidden=8)
     logits = teacher_logits(teacher, image_split, 8, cache=False, progress=False)
     student = _image_model("student", 2)

@@ -13,7 +13,8 @@ from PIL import Image
 
 import tlkit
 from tlkit import data
-from tlkit.preflight import add_doctor_command, doctor, doctor_command, doctor_detection
+from tlkit.cli import add_doctor_command
+from tlkit.preflight import doctor, doctor_command, doctor_detection
 
 SIZE = 64
 

@@ -8,7 +8,9 @@ import pytest
 
 import tlkit
 from tlkit.data import ImageSplit
-from tlkit.features import FeatureSet, cache_key, extract_features, train_head
+from tlkit.features import FeatureSet, cache_key, extract_features
+from tlkit.fine_tuning import build_upper_classifier, split_at_block
+from tlkit.heads import build_head, train_head
 
 pytestmark = pytest.mark.usefixtures("tlkit_cache_dir")
 
@@ -146,8 +148,6 @@ def test_every_backend_gives_the_same_features(base, split):
 
 
 def test_split_at_block_recomposes_the_base(base, split, tmp_path):
-    from tlkit.features import split_at_block
-
     lower, upper = split_at_block(base, "block16")
     images = split.images.astype("float32")
     np.testing.assert_allclose(upper(lower(images)), base(images), rtol=1e-5, atol=1e-5)
@@ -159,18 +159,14 @@ def test_split_at_block_recomposes_the_base(base, split, tmp_path):
 
 @pytest.mark.parametrize("block", ["stem", "block99", "head_conv"])
 def test_split_at_block_rejects_bad_blocks(base, block):
-    from tlkit.features import split_at_block
-
     with pytest.raises(ValueError, match="Received: block="):
         split_at_block(base, block)
 
 
 def test_build_upper_classifier_trains_only_non_batch_norm_layers():
-    from tlkit.features import build_upper_classifier, split_at_block
-
     base = tlkit.build_feature_extractor("mobilenet_v2", image_size=SIZE)
     lower, upper = split_at_block(base, "block17")
-    head = tlkit.models.build_head(1280, 2)
+    head = build_head(1280, 2)
     model = build_upper_classifier(upper, head, learning_rate=1e-3)
     batch_norms = [w.path for w in model.trainable_weights if "_bn" in w.path]
     assert not batch_norms and model.trainable_weights

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
-from tlkit.features import FeatureSet, resolve_class_weight, train_head
-from tlkit.models import build_head
+from tlkit.features import FeatureSet
+from tlkit.heads import build_head, resolve_class_weight, train_head
 
 
 def _imbalanced_features(seed: int = 0) -> FeatureSet:

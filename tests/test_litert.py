@@ -1,4 +1,7 @@
-"""LiteRT: a frozen base converted once, checked against Keras, cached, and as fast path of extract_features."""
+"""LiteRT: a frozen base converted once, checked against Keras, cached.
+
+Also as the fast path of extract_features.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,10 @@ import numpy as np
 import pytest
 
 import tlkit
-from tlkit import litert
+from tlkit import inference, litert
 from tlkit.data import ImageSplit
-from tlkit.features import extract_features, forward_function
+from tlkit.features import extract_features
+from tlkit.inference import forward_function
 
 pytestmark = pytest.mark.usefixtures("tlkit_cache_dir")
 
@@ -74,8 +78,6 @@ def test_bad_inputs_get_clear_errors(base, images, tmp_path):
 def test_auto_backend_converts_when_it_pays_off_and_falls_back_to_keras(
     base, images, monkeypatch, tmp_path
 ):
-    from tlkit import features
-
     assert litert.available()
     split = ImageSplit(
         "train", ["a", "b"], np.arange(len(images)) % 2, images=images.astype(np.uint8)
@@ -87,11 +89,11 @@ def test_auto_backend_converts_when_it_pays_off_and_falls_back_to_keras(
     monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path))  # Nothing converted yet.
     extract_features(base, split, cache=False, progress=False, backend="auto")
     assert not calls, "5 images do not pay for a conversion"
-    monkeypatch.setattr(features, "LITERT_MIN_IMAGES", 5)
+    monkeypatch.setattr(inference, "LITERT_MIN_IMAGES", 5)
     auto = extract_features(base, split, cache=False, progress=False, backend="auto")
     assert calls, "backend='auto' should use LiteRT on a machine without a GPU"
     np.testing.assert_allclose(auto.features, keras_features.features, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(features, "LITERT_MIN_IMAGES", 1000)
+    monkeypatch.setattr(inference, "LITERT_MIN_IMAGES", 1000)
     calls.clear()
     extract_features(base, split, cache=False, progress=False, backend="auto")
     assert calls, "a cached conversion is always used"

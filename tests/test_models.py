@@ -9,16 +9,9 @@ import tensorflow as tf
 
 import tlkit
 from tlkit.data import ImageSplit
-from tlkit.features import split_at_block
-from tlkit.models import (
-    block_names,
-    build_head,
-    find_base,
-    fine_tune,
-    fine_tune_cached,
-    get_class_names,
-    unfreeze,
-)
+from tlkit.fine_tuning import fine_tune, fine_tune_cached, split_at_block
+from tlkit.heads import build_head
+from tlkit.models import block_names, find_base, get_class_names, unfreeze
 
 pytestmark = pytest.mark.usefixtures("tlkit_cache_dir")
 

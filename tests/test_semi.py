@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import tlkit
-from tlkit.features import FeatureSet, train_head
+from tlkit.features import FeatureSet, select_images
+from tlkit.heads import train_head
 from tlkit.semi import (
     FixMatchTrainer,
     evaluate_head,
@@ -15,7 +16,6 @@ from tlkit.semi import (
     fixmatch_targets,
     pseudo_label,
     select_confident,
-    select_images,
     split_labelled,
 )
 

@@ -1,4 +1,7 @@
-"""train_run's evaluation: from cached features without fine-tuning, equal to the whole model on images."""
+"""train_run's evaluation: from cached features without fine-tuning.
+
+It equals the whole model on images.
+"""
 
 from __future__ import annotations
 

@@ -20,18 +20,19 @@ from tlkit._quiet import import_tensorflow_quietly as _import_tensorflow_quietly
 
 _import_tensorflow_quietly()
 
-__version__ = "0.1.0"
-
 from tlkit import augment, data, detect, evaluation, explain  # noqa: E402
+from tlkit._version import __version__  # noqa: E402
 from tlkit.augment import build_augmentation, list_presets  # noqa: E402
 from tlkit.backbones import build_backbone, get_backbone, list_backbones  # noqa: E402
-from tlkit.features import FeatureSet, extract_features, train_head  # noqa: E402
+from tlkit.export import export_model  # noqa: E402
+from tlkit.features import FeatureSet, extract_features  # noqa: E402
+from tlkit.fine_tuning import fine_tune, fine_tune_cached  # noqa: E402
+from tlkit.heads import build_head, train_head  # noqa: E402
 from tlkit.imagenet import decode_predictions  # noqa: E402
 from tlkit.models import (  # noqa: E402
     build_classifier,
     build_feature_extractor,
-    build_head,
-    fine_tune,
+    freeze,
     get_class_names,
     unfreeze,
 )
@@ -40,6 +41,7 @@ from tlkit.preflight import DoctorReport, doctor  # noqa: E402
 from tlkit.training import RunResult, TrainConfig, train_run  # noqa: E402
 
 __all__ = [
+    "__version__",
     "FeatureSet",
     "RunResult",
     "TrainConfig",
@@ -56,8 +58,11 @@ __all__ = [
     "DoctorReport",
     "evaluation",
     "explain",
+    "export_model",
     "extract_features",
     "fine_tune",
+    "fine_tune_cached",
+    "freeze",
     "get_backbone",
     "get_class_names",
     "list_backbones",

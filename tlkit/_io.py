@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash leaves either the old file or the new one."""
+"""Atomic file writes (a crash leaves either the old file or the new one), progress bars."""
 
 from __future__ import annotations
 
@@ -125,3 +125,17 @@ def record_checksum(path: str | os.PathLike) -> None:
 def _checksum_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.parent.parent / "checksums" / path.parent.name / f"{path.name}.sha256"
+
+
+def progress_bar(total: int, description: str, enabled: bool):
+    """A tqdm bar counting batches (text or notebook widget), disabled when not `enabled`."""
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        # tqdm.auto warns in Jupyter without ipywidgets, then falls back to text bars.
+        warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch", disable=not enabled, leave=False)

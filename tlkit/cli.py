@@ -1,16 +1,29 @@
-"""The command line: `python -m tlkit train | predict | backbones | datasets`."""
+"""The command line: `python -m tlkit train | predict | backbones | export | doctor | datasets`.
+
+All argparse wiring lives here; defaults and choices are read from where they
+are defined (`TrainConfig`, the backend, strategy and export-format lists), so
+the command line cannot drift from the library. Importing `tlkit` first sets
+TF_CPP_MIN_LOG_LEVEL=2 unless it is set.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-DEMO_DATASET = "tf_flowers"
-FALLBACK_DATASET = "fashion_mnist_small"
+from tlkit import data as tlkit_data
+from tlkit._io import write_json
+from tlkit.backbones import get_backbone, list_backbones
+from tlkit.data.source import DEMO_DATASET, FALLBACK_DATASET, resolve_data
+from tlkit.distribute import STRATEGIES, get_strategy
+from tlkit.evaluation import format_summary
+from tlkit.export import FORMATS, export_command
+from tlkit.inference import BACKENDS
+from tlkit.predict import load_classifier, predict_files
+from tlkit.preflight import doctor_command
+from tlkit.scratch import compare_with_scratch
+from tlkit.training import TrainConfig, prepare_run_folder, train_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         f"Default: {DEMO_DATASET} when available, else the embedded {FALLBACK_DATASET}.",
     )
     train.add_argument(
-        "--backbone", default="efficientnet_lite0", help="see `backbones` (default: %(default)s)"
+        "--backbone", default=TrainConfig.backbone, help="see `backbones` (default: %(default)s)"
     )
     train.add_argument(
         "--image-size",
@@ -67,29 +80,34 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--epochs",
         type=int,
-        default=20,
+        default=TrainConfig.epochs,
         help="head epochs on cached features (default: %(default)s)",
     )
     train.add_argument(
         "--fine-tune-epochs",
         type=int,
-        default=0,
+        default=TrainConfig.fine_tune_epochs,
         help="epochs with the top blocks unfrozen (default: %(default)s)",
     )
     train.add_argument(
-        "--fine-tune-blocks", type=int, default=2, help="blocks to unfreeze (default: %(default)s)"
+        "--fine-tune-blocks",
+        type=int,
+        default=TrainConfig.fine_tune_blocks,
+        help="blocks to unfreeze (default: %(default)s)",
     )
     train.add_argument(
         "--views",
         type=int,
-        default=1,
+        default=TrainConfig.views,
         help="feature views per training image, extra ones augmented (default: %(default)s)",
     )
     train.add_argument(
-        "--augmentation", default="natural", help="augmentation preset (default: %(default)s)"
+        "--augmentation",
+        default=TrainConfig.augmentation,
+        help="augmentation preset (default: %(default)s)",
     )
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    train.add_argument("--seed", type=int, default=TrainConfig.seed)
     train.add_argument(
         "--validation-split",
         type=float,
@@ -109,9 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--backend",
-        default="auto",
-        choices=("auto", "keras", "xla", "litert"),
-        help="what runs the frozen base for feature extraction; auto = LiteRT on a CPU (default: %(default)s)",
+        default=TrainConfig.backend,
+        choices=BACKENDS,
+        help="what runs the frozen base for feature extraction; auto = LiteRT on a CPU "
+        "(default: %(default)s)",
     )
     train.add_argument(
         "--deterministic",
@@ -121,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--strategy",
         default="none",
-        choices=("none", "mirrored", "multi_worker", "tpu"),
+        choices=STRATEGIES,
         help="tf.distribute strategy; --batch-size is per replica (default: %(default)s)",
     )
     train.add_argument(
@@ -149,27 +168,27 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="export a trained model (SavedModel, LiteRT/TFLite float and int8, ONNX), checked against Keras",
+        help="export a trained model (SavedModel, LiteRT/TFLite float and int8, ONNX), "
+        "checked against Keras",
     )
     export.add_argument("model", help="a model.keras written by `train`")
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument(
         "--data",
         default=None,
-        help="a folder or dataset name: real images to check every export against Keras and to calibrate int8",
+        help="a folder or dataset name: real images to check every export against Keras "
+        "and to calibrate int8",
     )
     export.add_argument(
         "--formats",
         nargs="+",
         default=None,
-        help="any of saved_model tflite tflite_int8 onnx (default: all; int8 needs --data)",
+        help=f"any of {' '.join(FORMATS)} (default: all; int8 needs --data)",
     )
     export.add_argument(
         "--overwrite", action="store_true", help="replace an earlier export in --out"
     )
     export.set_defaults(handler=_export)
-
-    from tlkit.preflight import add_doctor_command
 
     add_doctor_command(commands)
 
@@ -178,42 +197,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_data(data: str | None, validation_split: float = 0.2, seed: int = 42, log=print):
-    """A dataset from a folder path, a catalog name, or the demo default.
+def add_doctor_command(subparsers) -> argparse.ArgumentParser:
+    """Adds `doctor DATA [--model M] [--no-near-duplicates] [--json]` to a CLI.
 
-    With no `data`, uses `tf_flowers` when it resolves (TLKIT_DATA_DIR, the
-    cache, or a download) and falls back to the embedded Fashion-MNIST subset,
-    saying which one it used and why.
+    Args:
+        subparsers: The object returned by `ArgumentParser.add_subparsers()`;
+            the command sets `handler`, called with the parsed arguments.
+
+    Returns:
+        The new sub-parser.
     """
-    from tlkit import data as tlkit_data
-
-    if data is None:
-        try:
-            dataset = tlkit_data.load(DEMO_DATASET, seed=seed)
-            log(f"Data: {DEMO_DATASET} (real photos; the demo default).")
-            return dataset
-        except tlkit_data.DatasetNotFoundError as error:
-            first_line = str(error).splitlines()[0]
-            log(
-                f"Data: {DEMO_DATASET} is not available here ({first_line}). Using the "
-                f"embedded {FALLBACK_DATASET} instead (28 px grey clothing: far from ImageNet, "
-                "so transfer helps less). Set TLKIT_DATA_DIR to a folder with flower_photos/ "
-                "to use real photos."
-            )
-            return tlkit_data.load(FALLBACK_DATASET, seed=seed)
-    if Path(data).exists():
-        dataset = tlkit_data.from_directory(data, validation_split=validation_split, seed=seed)
-        log(f"Data: folder {data}: {dataset}.")
-        return dataset
-    if data in tlkit_data.list_datasets():
-        dataset = tlkit_data.load(data, seed=seed)
-        log(f"Data: {data}: {dataset}.")
-        return dataset
-    raise FileNotFoundError(
-        f"DATA is neither an existing folder nor a dataset name. Pass a folder with one "
-        f"sub-folder of images per class, or one of {tlkit_data.list_datasets()}. "
-        f"Received: data={data!r}"
+    parser = subparsers.add_parser(
+        "doctor", help="check data (and a model) for what usually ruins a training run"
     )
+    parser.add_argument("data", help="a folder of class sub-folders, or a dataset name")
+    parser.add_argument("--model", default=None, help="a .keras model to check against the data")
+    parser.add_argument(
+        "--no-near-duplicates",
+        dest="near_duplicates",
+        action="store_false",
+        help="skip the perceptual-hash search for near-identical images",
+    )
+    parser.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    parser.set_defaults(
+        handler=lambda arguments: doctor_command(
+            arguments.data, arguments.model, arguments.near_duplicates, arguments.as_json
+        )
+    )
+    return parser
 
 
 def validate_train_arguments(arguments) -> None:
@@ -256,9 +267,6 @@ def validate_evaluation_splits(dataset, validation_split: float) -> None:
 
 
 def _train(arguments) -> int:
-    from tlkit.evaluation import format_summary
-    from tlkit.training import TrainConfig, prepare_run_folder, train_run
-
     config = TrainConfig(
         backbone=arguments.backbone,
         image_size=arguments.image_size,
@@ -280,8 +288,6 @@ def _train(arguments) -> int:
     if arguments.resume and not arguments.out:
         raise ValueError("--resume needs the --out folder of the run to continue.")
     validate_train_arguments(arguments)
-    from tlkit.distribute import get_strategy
-
     # The strategy first: MultiWorkerMirroredStrategy must exist before other TensorFlow ops.
     strategy = get_strategy(arguments.strategy)
     config.validate()  # Every setting, before a folder is made or an image read.
@@ -307,8 +313,6 @@ def _train(arguments) -> int:
     )
     print(format_summary(result.metrics))
     if arguments.compare_scratch:
-        from tlkit.scratch import compare_with_scratch
-
         # The transfer run's own time, but at least 2 minutes: with a warm feature cache
         # the transfer run takes seconds, and the comparison should not starve the CNN.
         seconds = max(result.metrics["timings"]["total_s"], arguments.compare_seconds)
@@ -320,18 +324,15 @@ def _train(arguments) -> int:
             seed=config.seed,
         )
         result.metrics["scratch_comparison"] = comparison
-        from tlkit._io import write_json
-
         write_json(out / "metrics.json", result.metrics)
     print(
-        f"Run written to {out}/ (model.keras, metrics.json, training_curves.png, confusion_matrix.png)"
+        f"Run written to {out}/ "
+        "(model.keras, metrics.json, training_curves.png, confusion_matrix.png)"
     )
     return 0
 
 
 def _predict(arguments) -> int:
-    from tlkit.predict import load_classifier, predict_files
-
     if arguments.top_k < 1:
         raise ValueError(
             f"--top-k must be at least 1 (how many classes to print). "
@@ -356,8 +357,6 @@ def _predict(arguments) -> int:
 
 
 def _export(arguments) -> int:
-    from tlkit.export import FORMATS, export_command
-
     return export_command(
         arguments.model,
         arguments.out,
@@ -368,8 +367,6 @@ def _export(arguments) -> int:
 
 
 def _backbones(arguments) -> int:
-    from tlkit.backbones import get_backbone, list_backbones
-
     for name in list_backbones():
         spec = get_backbone(name)
         mark = "verified" if spec.verified else "        "  # Recorded check: spec.verified.
@@ -378,8 +375,6 @@ def _backbones(arguments) -> int:
 
 
 def _datasets(arguments) -> int:
-    from tlkit import data as tlkit_data
-
     for name in tlkit_data.list_datasets():
         info = tlkit_data.dataset_info(name)
         print(f"{name:24s} {info.get('description', info.get('source', ''))}")

@@ -56,6 +56,7 @@ from keras.utils import bounding_boxes
 from tlkit._io import atomic_path
 from tlkit.backbones import build_backbone, get_backbone, list_backbones
 from tlkit.data.images import load_image
+from tlkit.metadata import ModelMetadata
 
 # Box offsets are divided by these before regression (the usual SSD/RetinaNet values).
 BOX_VARIANCE = (0.1, 0.1, 0.2, 0.2)
@@ -254,7 +255,8 @@ def build_detector(
     ):
         raise ValueError(
             "image_size must be a (height, width) pair of multiples of 32, e.g. (256, 320), so "
-            f"the stride-32 map is exactly half the stride-16 one. Received: image_size={image_size!r}"
+            "the stride-32 map is exactly half the stride-16 one. "
+            f"Received: image_size={image_size!r}"
         )
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(
@@ -289,7 +291,7 @@ def build_detector(
 
 
 @keras.saving.register_keras_serializable(package="tlkit")
-class DetectionOutput(keras.layers.Layer):
+class DetectionOutput(ModelMetadata):
     """The detector's last layer: passes the raw predictions through unchanged.
 
     It records how to read them (the anchors' settings, the class names and
@@ -319,24 +321,16 @@ class DetectionOutput(keras.layers.Layer):
         **kwargs,
     ):
         kwargs.setdefault("name", "detections")
-        super().__init__(**kwargs)
-        self.class_names = [str(name) for name in class_names]
+        super().__init__(class_names, **kwargs)
         self.strides = tuple(int(stride) for stride in strides)
         self.anchor_scale = float(anchor_scale)
         self.scales = tuple(float(scale) for scale in scales)
         self.aspect_ratios = tuple(float(ratio) for ratio in aspect_ratios)
         self.pyramid_layers = list(pyramid_layers) if pyramid_layers is not None else None
 
-    def call(self, inputs):
-        return inputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {
             **super().get_config(),
-            "class_names": list(self.class_names),
             "strides": list(self.strides),
             "anchor_scale": self.anchor_scale,
             "scales": list(self.scales),
@@ -389,7 +383,8 @@ def save_detector(detector: keras.Model, path: str | os.PathLike) -> None:
     """
     if not str(path).endswith(".keras"):
         raise ValueError(
-            f"A detector is saved as one .keras file, e.g. 'detector.keras'. Received: path={str(path)!r}"
+            "A detector is saved as one .keras file, e.g. 'detector.keras'. "
+            f"Received: path={str(path)!r}"
         )
     if not any(isinstance(layer, DetectionOutput) for layer in detector.layers):
         raise ValueError(

@@ -60,7 +60,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkit._io import atomic_path, cache_dir
+from tlkit._io import atomic_path, cache_dir, progress_bar
+from tlkit.data import ImageSplit
+from tlkit.fingerprint import preprocessing_modes, weights_fingerprint
+from tlkit.input_config import resolve_input_config
 
 __all__ = ["Distiller", "distillation_dataset", "distillation_loss", "teacher_logits"]
 
@@ -352,8 +355,6 @@ def teacher_logits(
         >>> logits.shape
         (2936, 5)
     """
-    from tlkit.features import _progress_bar, preprocessing_modes, weights_fingerprint
-
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, (int, np.integer))
@@ -362,7 +363,7 @@ def teacher_logits(
         raise ValueError(
             f"batch_size must be a positive int, e.g. 64. Received: batch_size={batch_size!r}"
         )
-    image_size = image_size or teacher.input_shape[1] or 224
+    image_size = resolve_input_config(image_size, model=teacher).image_size
     path = None
     if cache is not False:
         folder = Path(cache) if not isinstance(cache, bool) else cache_dir() / "teacher_logits"
@@ -385,7 +386,7 @@ def teacher_logits(
         reduce_retracing=True,
         autograph=False,
     )
-    bar = _progress_bar(
+    bar = progress_bar(
         math.ceil(len(split) / batch_size), f"teacher {teacher.name} {split.name}", progress
     )
     result = None
@@ -456,7 +457,8 @@ def distillation_dataset(
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim != 2 or len(logits) != len(split):
         raise ValueError(
-            f"logits must have one row per example of the split, shape ({len(split)}, num_classes); "
+            "logits must have one row per example of the split, "
+            f"shape ({len(split)}, num_classes); "
             "compute them with teacher_logits(teacher, split). "
             f"Received: logits.shape={logits.shape}"
         )
@@ -501,8 +503,6 @@ def _indexed(split):
     dropping unreadable files) while keeping track of which example each
     image is; decode failures are recorded in the original split's report.
     """
-    from tlkit.data import ImageSplit
-
     count = len(split)
     indexed = ImageSplit(
         split.name,

@@ -43,7 +43,9 @@ import keras
 import numpy as np
 
 from tlkit._io import atomic_path, write_json, write_text
+from tlkit.data.source import resolve_data
 from tlkit.models import get_class_names
+from tlkit.predict import load_classifier
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -555,7 +557,7 @@ def export_command(
         model_path: A `model.keras` written by `tlkit train`.
         out_dir: The export folder.
         data: A class-per-folder directory or a dataset name (see
-            `tlkit.cli.resolve_data`). Defaults to None: no checks, and int8
+            `tlkit.data.source.resolve_data`). Defaults to None: no checks, and int8
             is left out because it needs real images to calibrate.
         formats: Which of `FORMATS` to write. Defaults to all of them.
         overwrite: Whether to replace an existing export folder. Defaults to
@@ -572,9 +574,6 @@ def export_command(
         ValueError: If DATA's class names differ from the model's.
         FileExistsError: If `out_dir` exists and `overwrite` is False.
     """
-    from tlkit.cli import resolve_data
-    from tlkit.predict import load_classifier
-
     formats = _check_formats(formats)
     _check_out_dir(Path(out_dir), overwrite)  # Fail before the slow part.
     model = load_classifier(model_path)

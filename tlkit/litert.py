@@ -4,7 +4,8 @@ A frozen base computes a fixed function, so it can run on any inference
 engine that gives the same numbers. On a CPU, LiteRT (formerly TensorFlow
 Lite) with its XNNPACK kernels ran EfficientNet-Lite0 and MobileNetV2 about
 1.8 to 2.7x faster than Keras `predict` (loaded to quiet) on the 2-core machine of
-`bench/throughput.py`, with features equal to Keras' within 2.2e-6 relative (checked at 1e-4 on every conversion).
+`bench/throughput.py`, with features equal to Keras' within 2.2e-6 relative
+(checked at 1e-4 on every conversion).
 
 `LiteRTModel` converts a Keras model once (float32, no quantisation), checks
 the converted model against Keras on a fixed input, and keeps the result in
@@ -34,6 +35,8 @@ import keras
 import numpy as np
 
 from tlkit._io import atomic_path, cache_dir, write_json
+from tlkit._keras_compat import flatten_layers
+from tlkit.fingerprint import preprocessing_modes, weights_fingerprint
 
 _FORMAT_VERSION = 1
 # Max |LiteRT - Keras| / max |Keras| on the check input. Fused float32 kernels
@@ -238,10 +241,8 @@ def _conversion_key(model: keras.Model, image_size: int) -> str:
     """sha256 over what defines the converted model: layers, weights, size, versions."""
     import tensorflow as tf
 
-    from tlkit.features import preprocessing_modes, weights_fingerprint
-
     layers = [
-        (type(layer).__name__, layer.name) for layer in model._flatten_layers(include_self=False)
+        (type(layer).__name__, layer.name) for layer in flatten_layers(model, include_self=False)
     ]
     parts = {
         "format": _FORMAT_VERSION,

@@ -12,6 +12,9 @@ import platform
 import sys
 from pathlib import Path
 
+import tlkit
+from tlkit import data
+
 
 class StopNotebook(Exception):
     """Stops a notebook run after a plain message, without a traceback.
@@ -50,8 +53,6 @@ def check_environment() -> dict[str, str]:
     import keras
     import tensorflow as tf
 
-    import tlkit
-
     versions = {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
@@ -64,7 +65,8 @@ def check_environment() -> dict[str, str]:
         raise StopNotebook("Keras 3 required")
     gpus = tf.config.list_physical_devices("GPU")
     print(
-        f"Running on {'GPU: ' + gpus[0].name if gpus else 'CPU'}; QUICK mode is {'on' if quick_mode() else 'off'}."
+        f"Running on {'GPU: ' + gpus[0].name if gpus else 'CPU'}; "
+        f"QUICK mode is {'on' if quick_mode() else 'off'}."
     )
     return versions
 
@@ -84,8 +86,6 @@ def load_dataset_or_stop(name: str, **kwargs):
     Raises:
         StopNotebook: If the dataset cannot be found (after the message).
     """
-    from tlkit import data
-
     try:
         if name in data.list_datasets() and data.dataset_info(name)["task"] == "detection":
             return data.load_detection(name, **kwargs)
@@ -110,8 +110,6 @@ def required_datasets(notebook: str | os.PathLike) -> list[str]:
     Raises:
         ValueError: If the declaration is not a list of catalog names.
     """
-    from tlkit import data
-
     metadata = json.loads(Path(notebook).read_text()).get("metadata", {})
     names = metadata.get("tlkit", {}).get("datasets", [])
     if not isinstance(names, list) or set(names) - set(data.list_datasets()):
@@ -135,8 +133,6 @@ def missing_datasets(notebook: str | os.PathLike) -> dict[str, str]:
         Dataset name -> a one-line reason that names it and says how to get it;
         empty when everything the notebook needs is here.
     """
-    from tlkit import data
-
     missing = {}
     for name in required_datasets(notebook):
         if data.resolve_offline(name) is None:

@@ -28,7 +28,6 @@ True
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -42,20 +41,32 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tlkit._keras_compat import (
+    compiled_trainable_state,
+    flatten_layers,
+    inbound_nodes,
+    optimizer_variables,
+)
+from tlkit.backbones.preprocessing import ImagePreprocessing
 from tlkit.data import (
     DetectionDataset,
     ImageDataset,
     ImageSplit,
     check_image,
+    dataset_info,
     from_directory,
+    load,
+    load_detection,
     load_image,
 )
+from tlkit.data.source import data_kind
+from tlkit.models import find_base, get_class_names
+from tlkit.predict import load_classifier
 
 __all__ = [
     "SEVERITIES",
     "DoctorReport",
     "Finding",
-    "add_doctor_command",
     "doctor",
     "doctor_command",
     "doctor_detection",
@@ -296,59 +307,18 @@ def doctor_command(
     Raises:
         FileNotFoundError: If `data` is neither a folder nor a dataset name.
     """
-    from tlkit import data as tlkit_data
-
-    if Path(data).exists():
+    if data_kind(data) == "folder":
         dataset = _load_folder(data)
-    elif data in tlkit_data.list_datasets():
-        if tlkit_data.dataset_info(data)["task"] == "detection":
-            dataset = tlkit_data.load_detection(data)
-        else:
-            dataset = tlkit_data.load(data)
+    elif dataset_info(data)["task"] == "detection":
+        dataset = load_detection(data)
     else:
-        raise FileNotFoundError(
-            "DATA is neither an existing folder nor a dataset name. Pass a folder with one "
-            f"sub-folder of images per class, or one of {tlkit_data.list_datasets()}. "
-            f"Received: data={data!r}"
-        )
+        dataset = load(data)
     loaded_model = None
     if model is not None:
-        from tlkit.predict import load_classifier
-
         loaded_model = load_classifier(model)
     report = doctor(loaded_model, dataset, near_duplicates=near_duplicates)
     print(json.dumps(report.to_dict(), indent=2) if as_json else report)
     return 0 if report.ok else 1
-
-
-def add_doctor_command(subparsers) -> argparse.ArgumentParser:
-    """Adds `doctor DATA [--model M] [--no-near-duplicates] [--json]` to a CLI.
-
-    Args:
-        subparsers: The object returned by `ArgumentParser.add_subparsers()`;
-            the command sets `handler`, called with the parsed arguments.
-
-    Returns:
-        The new sub-parser.
-    """
-    parser = subparsers.add_parser(
-        "doctor", help="check data (and a model) for what usually ruins a training run"
-    )
-    parser.add_argument("data", help="a folder of class sub-folders, or a dataset name")
-    parser.add_argument("--model", default=None, help="a .keras model to check against the data")
-    parser.add_argument(
-        "--no-near-duplicates",
-        dest="near_duplicates",
-        action="store_false",
-        help="skip the perceptual-hash search for near-identical images",
-    )
-    parser.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
-    parser.set_defaults(
-        handler=lambda arguments: doctor_command(
-            arguments.data, arguments.model, arguments.near_duplicates, arguments.as_json
-        )
-    )
-    return parser
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +348,7 @@ def _check_compiled(report: DoctorReport, model) -> None:
             "warning",
             "not_compiled",
             "The model is not compiled, so it cannot be trained. Call "
-            "tlkit.models.compile_classifier(model) (or model.compile(...)) before fit.",
+            "tlkit.heads.compile_classifier(model) (or model.compile(...)) before fit.",
         )
         return
     # Keras 3 snapshots every layer's `trainable` flag in `compile`
@@ -386,17 +356,17 @@ def _check_compiled(report: DoctorReport, model) -> None:
     # also holds the list of variables it updates, and the traced train step
     # keeps using that list until the model is recompiled.
     changed = []
-    snapshot = getattr(model, "_compiled_trainable_state", None)
+    snapshot = compiled_trainable_state(model)
     if snapshot is not None:
         changed = [
             layer.name
-            for layer in model._flatten_layers()
+            for layer in flatten_layers(model)
             if layer in snapshot and layer.trainable != snapshot[layer]
         ]
     optimizer = getattr(model, "optimizer", None)
     stale_variables = 0
     if optimizer is not None and getattr(optimizer, "built", False):
-        known = {id(variable) for variable in getattr(optimizer, "_trainable_variables", [])}
+        known = {id(variable) for variable in optimizer_variables(optimizer)}
         current = {id(variable) for variable in model.trainable_variables}
         stale_variables = len(known ^ current)
     if changed or stale_variables:
@@ -413,7 +383,7 @@ def _check_compiled(report: DoctorReport, model) -> None:
                 "rate) when you recompile"
             )
             + ". Use tlkit.unfreeze(model, ...), which recompiles, or call "
-            "tlkit.models.compile_classifier(model, learning_rate=1e-5) after changing "
+            "tlkit.heads.compile_classifier(model, learning_rate=1e-5) after changing "
             "`trainable`.",
             changed_layers=len(changed),
             differing_variables=stale_variables,
@@ -529,8 +499,6 @@ def _check_input_range(report: DoctorReport, model, data, sample_size: int) -> N
 
 
 def _check_classes(report: DoctorReport, model, dataset: ImageDataset) -> None:
-    from tlkit.models import get_class_names
-
     try:
         outputs = int(model.output_shape[-1])
     except (AttributeError, TypeError, ValueError):
@@ -567,8 +535,6 @@ def _nested_bases(model):
     """
     import keras
 
-    from tlkit.models import find_base
-
     try:
         bases = [find_base(model)]
     except ValueError:
@@ -580,7 +546,7 @@ def _nested_bases(model):
             and any(isinstance(inner, feature_layers) for inner in _layers_in_order(layer))
         ]
     for base in bases:
-        nodes = getattr(base, "_inbound_nodes", [])
+        nodes = inbound_nodes(base)
         inference = bool(nodes) and all(
             getattr(node, "arguments", None) is not None
             and node.arguments.kwargs.get("training") is False
@@ -620,8 +586,6 @@ def _input_expectation(model) -> tuple[str, str]:
         `"unknown"` (no normalisation found).
     """
     import keras
-
-    from tlkit.backbones.preprocessing import ImagePreprocessing
 
     for layer in _layers_in_order(model):
         if isinstance(layer, ImagePreprocessing):

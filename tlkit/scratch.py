@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from tlkit.training import predict_split
+
 
 class TimeBudget(keras.callbacks.Callback):
     """Stops training once a wall-time budget is spent (checked after each batch).
@@ -123,8 +125,6 @@ def compare_with_scratch(
     Returns:
         {"scratch_accuracy", "transfer_accuracy", "seconds", "scratch_epochs"}.
     """
-    from tlkit.training import predict_split
-
     keras.utils.set_random_seed(seed)
     model = build_scratch_cnn(dataset.num_classes, image_size, seed)
     train = dataset.train.to_dataset(image_size, batch_size=batch_size, shuffle=True, seed=seed)
@@ -140,7 +140,8 @@ def compare_with_scratch(
         "scratch_epochs": len(history.history.get("loss", [])),
     }
     log(
-        f"Same wall time ({seconds:.0f} s) on {split.name}: transfer {result['transfer_accuracy']:.3f} "
+        f"Same wall time ({seconds:.0f} s) on {split.name}: "
+        f"transfer {result['transfer_accuracy']:.3f} "
         f"vs. small CNN from scratch {accuracy:.3f} ({result['scratch_epochs']} epochs)."
     )
     return result

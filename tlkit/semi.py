@@ -33,7 +33,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkit.features import FeatureSet, train_head
+from tlkit.augment import build_augmentation
+from tlkit.features import FeatureSet, select_images
+from tlkit.heads import train_head
 
 # ---------------------------------------------------------------------------
 # Data helpers
@@ -58,8 +60,6 @@ def strong_augmentation(seed: int | None = None) -> keras.Sequential:
         >>> features = extract_features(base, split, views=3,
         ...                             augmentation=strong_augmentation(seed=0))
     """
-    from tlkit.augment import build_augmentation
-
     return build_augmentation(
         "natural",
         seed=seed,
@@ -69,30 +69,6 @@ def strong_augmentation(seed: int | None = None) -> keras.Sequential:
         contrast=0.5,
         brightness=0.4,
     )
-
-
-def select_images(features: FeatureSet, indices: Any) -> FeatureSet:
-    """The rows of some images, with all their views, as a new `FeatureSet`.
-
-    Args:
-        features: A `FeatureSet` (view-major: all images of view 0, then view 1...).
-        indices: Image positions in `0..len(features) // features.views - 1`.
-
-    Returns:
-        A `FeatureSet` with `len(indices)` images and the same number of views.
-
-    Raises:
-        ValueError: If an index is out of range.
-    """
-    count = len(features) // features.views
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if len(indices) and (indices.min() < 0 or indices.max() >= count):
-        raise ValueError(
-            f"Image indices must be in 0..{count - 1}. "
-            f"Received: indices in {indices.min()}..{indices.max()}"
-        )
-    rows = (indices[None, :] + count * np.arange(features.views)[:, None]).reshape(-1)
-    return FeatureSet(features.features[rows], features.labels[rows], features.views)
 
 
 def choose_labelled(labels: Any, labels_per_class: int, seed: int = 0) -> np.ndarray:
@@ -627,7 +603,8 @@ def _check_sets(head: keras.Model, **sets: FeatureSet) -> None:
             )
         if width is not None and features.features.shape[1] != width:
             raise ValueError(
-                f"{name} has features of width {features.features.shape[1]} but the head takes {width}; "
+                f"{name} has features of width {features.features.shape[1]} "
+                f"but the head takes {width}; "
                 "build the head with `tlkit.build_head(features.shape[1], num_classes)`. "
                 f"Received: {name}.features.shape={features.features.shape}"
             )

@@ -13,17 +13,25 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 
-from tlkit import evaluation
+from tlkit import distribute, evaluation
 from tlkit._io import atomic_path, write_json
-from tlkit.backbones import get_backbone
-from tlkit.features import extract_features, train_head
-from tlkit.models import build_classifier, build_feature_extractor, build_head, unfreeze
+from tlkit._version import __version__
+from tlkit.augment import list_presets
+from tlkit.backbones import build_backbone, get_backbone
+from tlkit.features import extract_features
+from tlkit.fine_tuning import fine_tune_split
+from tlkit.heads import build_head, train_head
+from tlkit.inference import BACKENDS, inference_function
+from tlkit.input_config import resolve_input_config
+from tlkit.models import block_names, build_classifier, build_feature_extractor, unfreeze
 
 
 @dataclass
@@ -80,8 +88,6 @@ class TrainConfig:
                 )
         if not isinstance(self.views, int) or self.views < 1:
             raise ValueError(f"views must be at least 1. Received: views={self.views!r}")
-        from tlkit.features import BACKENDS
-
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"backend must be one of {list(BACKENDS)}. Received: backend={self.backend!r}"
@@ -102,8 +108,6 @@ class TrainConfig:
             ValueError: On the first bad setting, naming it and the accepted
                 values.
         """
-        from tlkit.augment import list_presets
-
         if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 32):
             raise ValueError(
                 "image_size must be an integer of at least 32, or None for the backbone's "
@@ -148,9 +152,6 @@ def _is_int(value) -> bool:
 @functools.lru_cache(maxsize=None)
 def _block_count(backbone: str) -> int:
     """How many blocks `unfreeze` can count in a backbone (built once, without weights)."""
-    from tlkit.backbones import build_backbone
-    from tlkit.models import block_names
-
     return len(block_names(build_backbone(backbone, weights=None)))
 
 
@@ -258,14 +259,91 @@ def train_run(
         ValueError: If `resume` finds no checkpoint, a finished run, or a
             checkpoint made with another config or other data.
     """
-    from tlkit import distribute
-
     config = config or TrainConfig()
     config.validate()  # Every setting, before a folder is made or an image read.
     if resume and out is None:
         raise ValueError("resume=True needs the run folder to resume. Received: out=None")
     if out is not None:
         out = prepare_run_folder(out, overwrite=overwrite or resume)
+    run = _start_run(dataset, config, out, resume, progress, log, strategy)
+
+    clock = time.perf_counter()
+    with distribute.scope(strategy):
+        base = build_feature_extractor(config.backbone, run.image_size)
+    run.timings["build_s"] = time.perf_counter() - clock
+
+    train_features, validation_features = _extract_run_features(run, base)
+    head = _train_run_head(run, train_features, validation_features)
+    with distribute.scope(strategy):
+        model = build_classifier(
+            config.backbone,
+            dataset.num_classes,
+            run.image_size,
+            augmentation=config.augmentation if config.fine_tune_epochs else None,
+            base=base,
+            head=head,
+            class_names=dataset.class_names,
+        )
+    if config.fine_tune_epochs:
+        model = _fine_tune_with_checkpoints(run, model)
+    metrics = _evaluate_run(run, model, base, head, validation_features)
+    run.timings["total_s"] = time.perf_counter() - run.started
+    metrics.update(_run_record(run, train_features, validation_features))
+    if out is not None:
+        write_run(out, model, metrics, run.histories)
+        run.save_state(head_done=True, fine_tune_epochs_done=config.fine_tune_epochs, complete=True)
+        # The final model is model.keras; the per-epoch checkpoint is no longer needed.
+        (run.checkpoints / "fine_tune.keras").unlink(missing_ok=True)
+    return RunResult(model=model, metrics=metrics, histories=run.histories, out=out)
+
+
+# ---------------------------------------------------------------------------
+# The steps of a run
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the steps of one `train_run` share: settings resolved once, and progress."""
+
+    dataset: Any
+    config: TrainConfig
+    image_size: int
+    strategy: Any
+    replicas: int
+    batch_size: int
+    learning_rate: float
+    fine_tune_learning_rate: float
+    backend: str
+    fingerprints: dict[str, str]
+    checkpoints: Path | None
+    state: dict | None
+    histories: dict[str, dict]
+    timings: dict[str, float]
+    started: float
+    progress: bool
+    log: Callable[[str], Any]
+
+    def save_state(
+        self, head_done: bool, fine_tune_epochs_done: int, complete: bool = False
+    ) -> None:
+        """Writes `checkpoints/state.json`: what is done, histories and timings so far."""
+        write_json(
+            self.checkpoints / "state.json",
+            {
+                "config": asdict(self.config),
+                "fingerprints": self.fingerprints,
+                "head_done": head_done,
+                "fine_tune_epochs_done": fine_tune_epochs_done,
+                "complete": complete,
+                "histories": self.histories,
+                "timings": {**self.timings, "total_s": time.perf_counter() - self.started},
+            },
+        )
+
+
+def _start_run(dataset, config, out, resume, progress, log, strategy) -> _Run:
+    """Resolves the settings of a run, loads its checkpoint state and seeds it."""
     fingerprints = {name: split.fingerprint() for name, split in dataset.splits.items()}
     checkpoints = Path(out) / "checkpoints" if out is not None else None
     state = _load_state(checkpoints, config, fingerprints) if resume else None
@@ -275,122 +353,175 @@ def train_run(
 
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    spec = get_backbone(config.backbone)
-    image_size = config.image_size or spec.image_size
+    image_size = resolve_input_config(config.image_size, backbone=config.backbone).image_size
     replicas = distribute.num_replicas(strategy)
     batch_size, learning_rate = distribute.scale_for_replicas(
         config.batch_size, config.learning_rate, strategy
     )
-    fine_tune_learning_rate = config.fine_tune_learning_rate * replicas
     timings: dict[str, float] = dict(state["timings"]) if state else {}
-    started = time.perf_counter() - timings.get("total_s", 0.0)
+    return _Run(
+        dataset=dataset,
+        config=config,
+        image_size=image_size,
+        strategy=strategy,
+        replicas=replicas,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        fine_tune_learning_rate=config.fine_tune_learning_rate * replicas,
+        # LiteRT runs outside TensorFlow's devices, so a strategy keeps the Keras path.
+        backend="keras" if strategy is not None and config.backend == "auto" else config.backend,
+        fingerprints=fingerprints,
+        checkpoints=checkpoints,
+        state=state,
+        histories=dict(state["histories"]) if state else {},
+        timings=timings,
+        started=time.perf_counter() - timings.get("total_s", 0.0),
+        progress=progress,
+        log=log,
+    )
 
-    clock = time.perf_counter()
-    with distribute.scope(strategy):
-        base = build_feature_extractor(config.backbone, image_size)
-    timings["build_s"] = time.perf_counter() - clock
 
+def _extract_run_features(run: _Run, base: keras.Model):
+    """Step 1: the (cached) features of the training and validation splits."""
+    config = run.config
     clock = time.perf_counter()
-    # LiteRT runs outside TensorFlow's devices, so a strategy keeps the Keras path.
-    backend = "keras" if strategy is not None and config.backend == "auto" else config.backend
     train_features = extract_features(
         base,
-        dataset.train,
-        image_size,
+        run.dataset.train,
+        run.image_size,
         views=config.views,
         augmentation=config.augmentation if config.views > 1 else None,
         seed=config.seed,
-        progress=progress,
-        backend=backend,
+        progress=run.progress,
+        backend=run.backend,
     )
-    validation_split = dataset.validation
+    validation_split = run.dataset.validation
     validation_features = (
-        extract_features(base, validation_split, image_size, progress=progress, backend=backend)
+        extract_features(
+            base, validation_split, run.image_size, progress=run.progress, backend=run.backend
+        )
         if validation_split is not None
         else None
     )
-    timings["feature_extraction_s"] = time.perf_counter() - clock
-    cache_hits = [f.from_cache for f in (train_features, validation_features) if f is not None]
-    log(
+    run.timings["feature_extraction_s"] = time.perf_counter() - clock
+    cache_hits = _cache_hits(train_features, validation_features)
+    run.log(
         f"Features: {len(train_features)} training vectors ({config.views} view(s) per image)"
         + (" from the cache" if all(cache_hits) else "")
-        + f" in {timings['feature_extraction_s']:.1f} s."
+        + f" in {run.timings['feature_extraction_s']:.1f} s."
     )
+    return train_features, validation_features
 
-    histories: dict[str, dict] = dict(state["histories"]) if state else {}
+
+def _cache_hits(train_features, validation_features) -> list[bool]:
+    return [f.from_cache for f in (train_features, validation_features) if f is not None]
+
+
+def _train_run_head(run: _Run, train_features, validation_features) -> keras.Model:
+    """Step 2: the head trained on cached features, or restored from the checkpoint."""
+    config = run.config
     # Reseed: computing features (a cache miss) creates random ops that a cache hit
     # does not, and the head must not depend on which happened.
     keras.utils.set_random_seed(config.seed)
-    with distribute.scope(strategy):
-        head = build_head(spec.feature_width, dataset.num_classes, config.dropout_rate)
-    if state and state["head_done"]:
-        head.load_weights(str(checkpoints / "head.weights.h5"))
-        log("Head: restored from the checkpoint.")
-    else:
-        clock = time.perf_counter()
-        if config.epochs:
-            with distribute.scope(strategy):
-                histories["head"] = train_head(
-                    head,
-                    train_features,
-                    validation_features,
-                    epochs=config.epochs,
-                    batch_size=config.head_batch_size * replicas,
-                    learning_rate=learning_rate,
-                    seed=config.seed,
-                )
-        timings["head_training_s"] = time.perf_counter() - clock
-        log(
-            f"Head: {config.epochs} epochs on cached features in {timings['head_training_s']:.1f} s."
+    with distribute.scope(run.strategy):
+        head = build_head(
+            get_backbone(config.backbone).feature_width,
+            run.dataset.num_classes,
+            config.dropout_rate,
         )
-        if checkpoints is not None:
-            with atomic_path(checkpoints / "head.weights.h5") as temporary:
-                head.save_weights(str(temporary))
-            _save_state(checkpoints, config, fingerprints, True, 0, histories, timings, started)
-
-    with distribute.scope(strategy):
-        model = build_classifier(
-            config.backbone,
-            dataset.num_classes,
-            image_size,
-            augmentation=config.augmentation if config.fine_tune_epochs else None,
-            base=base,
-            head=head,
-            class_names=dataset.class_names,
-        )
-    if config.fine_tune_epochs:
-        model = _fine_tune_with_checkpoints(
-            model,
-            dataset,
-            config,
-            image_size,
-            batch_size,
-            fine_tune_learning_rate,
-            strategy,
-            checkpoints,
-            state,
-            histories,
-            timings,
-            started,
-            fingerprints,
-            progress,
-            log,
-        )
-
+    if run.state and run.state["head_done"]:
+        head.load_weights(str(run.checkpoints / "head.weights.h5"))
+        run.log("Head: restored from the checkpoint.")
+        return head
     clock = time.perf_counter()
-    evaluation_split = dataset.test if dataset.test is not None else validation_split
+    if config.epochs:
+        with distribute.scope(run.strategy):
+            run.histories["head"] = train_head(
+                head,
+                train_features,
+                validation_features,
+                epochs=config.epochs,
+                batch_size=config.head_batch_size * run.replicas,
+                learning_rate=run.learning_rate,
+                seed=config.seed,
+            )
+    run.timings["head_training_s"] = time.perf_counter() - clock
+    run.log(
+        f"Head: {config.epochs} epochs on cached features "
+        f"in {run.timings['head_training_s']:.1f} s."
+    )
+    if run.checkpoints is not None:
+        with atomic_path(run.checkpoints / "head.weights.h5") as temporary:
+            head.save_weights(str(temporary))
+        run.save_state(head_done=True, fine_tune_epochs_done=0)
+    return head
+
+
+def _fine_tune_with_checkpoints(run: _Run, model: keras.Model) -> keras.Model:
+    """Step 3: fine-tunes epoch by epoch, checkpointing model and optimizer after each."""
+    config = run.config
+    first_epoch = run.state["fine_tune_epochs_done"] if run.state else 0
+    checkpoint = run.checkpoints / "fine_tune.keras" if run.checkpoints is not None else None
+    if first_epoch:
+        with distribute.scope(run.strategy):
+            # Safe mode: the checkpoint is our own file, but loading never runs code.
+            model = keras.models.load_model(checkpoint, safe_mode=True)
+        run.log(f"Fine-tuning: resumed after epoch {first_epoch} of {config.fine_tune_epochs}.")
+    else:
+        with distribute.scope(run.strategy):
+            blocks = unfreeze(model, config.fine_tune_blocks, run.fine_tune_learning_rate)
+        run.log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
+    clock = time.perf_counter()
+
+    def after_epoch(epoch: int, history: dict[str, list[float]]) -> None:
+        nonlocal clock
+        run.histories["fine_tune"] = history
+        elapsed = time.perf_counter() - clock
+        run.timings["fine_tuning_s"] = run.timings.get("fine_tuning_s", 0.0) + elapsed
+        clock = time.perf_counter()
+        if checkpoint is not None:
+            with atomic_path(checkpoint) as temporary:
+                model.save(temporary)
+            run.save_state(head_done=True, fine_tune_epochs_done=epoch + 1)
+
+    fine_tune_split(
+        model,
+        run.dataset.train,
+        run.dataset.validation,
+        image_size=run.image_size,
+        epochs=config.fine_tune_epochs,
+        batch_size=run.batch_size,
+        seed=config.seed,
+        first_epoch=first_epoch,
+        history=run.histories.get("fine_tune", {}),
+        on_epoch_end=after_epoch,
+        verbose=1 if run.progress else 0,
+    )
+    return model
+
+
+def _evaluate_run(run: _Run, model, base, head, validation_features) -> dict:
+    """Step 4: metrics on the test split (else validation), from features or images."""
+    config = run.config
+    dataset = run.dataset
+    clock = time.perf_counter()
+    evaluation_split = dataset.test if dataset.test is not None else dataset.validation
     metrics: dict = {}
     if evaluation_split is not None:
         if config.fine_tune_epochs:
             probabilities, labels = predict_split(
-                model, evaluation_split, image_size, batch_size * 2
+                model, evaluation_split, run.image_size, run.batch_size * 2
             )
         else:
             evaluation_features = (
                 validation_features
-                if evaluation_split is validation_split
+                if evaluation_split is dataset.validation
                 else extract_features(
-                    base, evaluation_split, image_size, progress=progress, backend=backend
+                    base,
+                    evaluation_split,
+                    run.image_size,
+                    progress=run.progress,
+                    backend=run.backend,
                 )
             )
             probabilities = head.predict(evaluation_features.features, batch_size=1024, verbose=0)
@@ -398,163 +529,35 @@ def train_run(
         metrics = evaluation.classification_metrics(labels, probabilities, dataset.class_names)
         metrics["evaluated_on"] = evaluation_split.name
         metrics["evaluated_from"] = "images" if config.fine_tune_epochs else "cached features"
-    timings["evaluation_s"] = time.perf_counter() - clock
-    timings["total_s"] = time.perf_counter() - started
-
-    metrics.update(
-        {
-            "dataset": {
-                "name": dataset.name,
-                "class_names": dataset.class_names,
-                "sizes": {name: len(split) for name, split in dataset.splits.items()},
-                "fingerprints": fingerprints,
-                "skipped_files": [list(item) for item in dataset.report.skipped],
-            },
-            "config": {**asdict(config), "image_size": image_size},
-            "distribution": {
-                "replicas": replicas,
-                "global_batch_size": batch_size,
-                "learning_rate": learning_rate,
-                "fine_tune_learning_rate": fine_tune_learning_rate,
-            },
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "feature_cache": {"hits": cache_hits},
-            "resumed": bool(state),
-            "seed": config.seed,
-            "versions": versions(),
-            "histories": histories,
-        }
-    )
-    if out is not None:
-        write_run(out, model, metrics, histories)
-        _save_state(
-            checkpoints,
-            config,
-            fingerprints,
-            True,
-            config.fine_tune_epochs,
-            histories,
-            timings,
-            started,
-            complete=True,
-        )
-        # The final model is model.keras; the per-epoch checkpoint is no longer needed.
-        (checkpoints / "fine_tune.keras").unlink(missing_ok=True)
-    return RunResult(model=model, metrics=metrics, histories=histories, out=out)
+    run.timings["evaluation_s"] = time.perf_counter() - clock
+    return metrics
 
 
-def _fine_tune_with_checkpoints(
-    model,
-    dataset,
-    config,
-    image_size,
-    batch_size,
-    learning_rate,
-    strategy,
-    checkpoints,
-    state,
-    histories,
-    timings,
-    started,
-    fingerprints,
-    progress,
-    log,
-):
-    """Fine-tunes epoch by epoch, checkpointing model and optimizer after each."""
-    from tlkit import distribute
-
-    first_epoch = state["fine_tune_epochs_done"] if state else 0
-    checkpoint = checkpoints / "fine_tune.keras" if checkpoints is not None else None
-    if first_epoch:
-        with distribute.scope(strategy):
-            # Safe mode: the checkpoint is our own file, but loading never runs code.
-            model = keras.models.load_model(checkpoint, safe_mode=True)
-        log(f"Fine-tuning: resumed after epoch {first_epoch} of {config.fine_tune_epochs}.")
-    else:
-        with distribute.scope(strategy):
-            blocks = unfreeze(model, config.fine_tune_blocks, learning_rate)
-        log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
-    validation_images = (
-        dataset.validation.to_dataset(image_size, batch_size=batch_size * 2)
-        if dataset.validation is not None
-        else None
-    )
-    history = {key: list(values) for key, values in histories.get("fine_tune", {}).items()}
-    clock = time.perf_counter()
-    for epoch in range(first_epoch, config.fine_tune_epochs):
-        # Shuffle order and random draws depend on (seed, epoch) only, so a resumed
-        # run repeats exactly what the uninterrupted one would have done.
-        keras.utils.set_random_seed(config.seed + 1 + epoch)
-        reseed_layers(model, config.seed * 1000 + epoch)
-        train_images = dataset.train.to_dataset(
-            image_size, batch_size=batch_size, shuffle=True, seed=config.seed + epoch
-        )
-        result = model.fit(
-            train_images,
-            validation_data=validation_images,
-            initial_epoch=epoch,
-            epochs=epoch + 1,
-            verbose=1 if progress else 0,
-            shuffle=False,  # The dataset shuffles itself.
-        )
-        for key, values in result.history.items():
-            history.setdefault(key, []).extend(values)
-        histories["fine_tune"] = history
-        timings["fine_tuning_s"] = timings.get("fine_tuning_s", 0.0) + time.perf_counter() - clock
-        clock = time.perf_counter()
-        if checkpoint is not None:
-            with atomic_path(checkpoint) as temporary:
-                model.save(temporary)
-            _save_state(
-                checkpoints, config, fingerprints, True, epoch + 1, histories, timings, started
-            )
-    return model
-
-
-def reseed_layers(model: keras.Model, seed: int) -> None:
-    """Sets the random state of every augmentation and dropout layer from `seed`.
-
-    Keras layers draw from their own `SeedGenerator`, whose state is not saved
-    with the model and which `keras.utils.set_random_seed` does not reset, so a
-    resumed run would draw other random numbers than the uninterrupted one.
-    Keras has no public call to reseed built layers; this sets the states.
-
-    Args:
-        model: The model; nested models are included.
-        seed: The seed; layer `i` gets state `(seed + i, 0)`.
-    """
-    generators = [
-        generator
-        for layer in model._flatten_layers(include_self=True)
-        for generator in (getattr(layer, "_seed_generators", None) or [])
-    ]
-    for index, generator in enumerate(generators):
-        generator.state.assign(np.asarray([seed + index, 0], dtype=generator.state.dtype))
-
-
-def _save_state(
-    checkpoints,
-    config,
-    fingerprints,
-    head_done,
-    fine_tune_epochs_done,
-    histories,
-    timings,
-    started,
-    complete=False,
-):
-    write_json(
-        checkpoints / "state.json",
-        {
-            "config": asdict(config),
-            "fingerprints": fingerprints,
-            "head_done": head_done,
-            "fine_tune_epochs_done": fine_tune_epochs_done,
-            "complete": complete,
-            "histories": histories,
-            "timings": {**timings, "total_s": time.perf_counter() - started},
+def _run_record(run: _Run, train_features, validation_features) -> dict:
+    """What `metrics.json` records besides the metrics: data, settings, timings, versions."""
+    dataset = run.dataset
+    return {
+        "dataset": {
+            "name": dataset.name,
+            "class_names": dataset.class_names,
+            "sizes": {name: len(split) for name, split in dataset.splits.items()},
+            "fingerprints": run.fingerprints,
+            "skipped_files": [list(item) for item in dataset.report.skipped],
         },
-    )
+        "config": {**asdict(run.config), "image_size": run.image_size},
+        "distribution": {
+            "replicas": run.replicas,
+            "global_batch_size": run.batch_size,
+            "learning_rate": run.learning_rate,
+            "fine_tune_learning_rate": run.fine_tune_learning_rate,
+        },
+        "timings": {k: round(v, 3) for k, v in run.timings.items()},
+        "feature_cache": {"hits": _cache_hits(train_features, validation_features)},
+        "resumed": bool(run.state),
+        "seed": run.config.seed,
+        "versions": versions(),
+        "histories": run.histories,
+    }
 
 
 def _load_state(checkpoints, config, fingerprints) -> dict:
@@ -586,8 +589,6 @@ def _load_state(checkpoints, config, fingerprints) -> dict:
 
 def predict_split(model: keras.Model, split, image_size: int, batch_size: int = 64):
     """Class probabilities and true labels for every readable image of a split."""
-    from tlkit.features import inference_function
-
     # A compiled forward pass (one per model) rather than predict_on_batch, which returns
     # one row per replica and image under a tf.distribute strategy.
     forward = inference_function(model, jit_compile=False)
@@ -617,10 +618,8 @@ def versions() -> dict[str, str]:
     """Versions of the software that produced a result."""
     import tensorflow as tf
 
-    import tlkit
-
     return {
-        "tlkit": tlkit.__version__,
+        "tlkit": __version__,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,

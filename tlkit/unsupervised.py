@@ -21,6 +21,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkit.data import ImageSplit
+from tlkit.heads import build_head, compile_classifier
+
 # ---------------------------------------------------------------------------
 # Builders
 # ---------------------------------------------------------------------------
@@ -164,8 +167,6 @@ def encoder_classifier(
         >>> classifier = encoder_classifier(autoencoder.get_layer("encoder"), 5)
         >>> classifier.fit(few_labelled.to_dataset(64), epochs=20)
     """
-    from tlkit.models import build_head, compile_classifier
-
     if (
         isinstance(num_classes, bool)
         or not isinstance(num_classes, (int, np.integer))
@@ -306,14 +307,13 @@ def _conv_block(x, width, strides, name, initializer):
 
 def _reconstruction_dataset(data, size, batch_size, shuffle, seed):
     """`(images in 0..255, images in 0..1)` batches from a split, an array or a dataset."""
-    from tlkit.data import ImageSplit
-
     if isinstance(data, ImageSplit):
         dataset = data.to_dataset(size, batch_size=batch_size, shuffle=shuffle, seed=seed)
     elif isinstance(data, np.ndarray):
         if data.ndim != 4 or data.shape[-1] != 3:
             raise ValueError(
-                f"An image array must have shape (N, height, width, 3). Received: data.shape={data.shape}"
+                "An image array must have shape (N, height, width, 3). "
+                f"Received: data.shape={data.shape}"
             )
         dataset = tf.data.Dataset.from_tensor_slices(data)
         if shuffle:

@@ -75,7 +75,8 @@ class _ArrayRecord:
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
         ):
             raise UnsafePickleError(
-                f"An array shape must be a tuple of non-negative integers. Received: shape={shape!r}"
+                "An array shape must be a tuple of non-negative integers. "
+                f"Received: shape={shape!r}"
             )
         if not isinstance(data, bytes) or len(data) != 4 * math.prod(shape):
             size = len(data) if isinstance(data, bytes) else type(data).__name__

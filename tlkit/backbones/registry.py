@@ -26,7 +26,7 @@ from tlkit.backbones import (
     vgg,
 )
 from tlkit.backbones._torch_pickle import load_state_dict
-from tlkit.backbones.preprocessing import PREPROCESSING_MODES
+from tlkit.backbones.preprocessing import PREPROCESSING_MODES, ImagePreprocessing
 
 
 class WeightsNotAvailableError(FileNotFoundError):
@@ -255,8 +255,6 @@ def _build_keras_application(spec: BackboneSpec, input_shape, weights, include_t
             f"use an offline backbone: {offline_names}. Received: backbone={spec.name!r}"
         )
     inputs = keras.Input(shape=input_shape, name="image")
-    from tlkit.backbones.preprocessing import ImagePreprocessing
-
     x = ImagePreprocessing(preprocessing, name="preprocessing")(inputs)
     # Static spatial sizes are required by some applications (VGG16 with a top).
     shape = input_shape if input_shape[0] else (spec.image_size, spec.image_size, 3)

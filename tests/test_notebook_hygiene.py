@@ -1,0 +1,153 @@
+"""Notebook code cells that repeat themselves or validate on the test split fail here.
+
+Two mistakes that once shipped: a code cell pasted twice (notebook 10's plot cell was a copy of
+its run cell, so the experiment ran twice and no figure appeared), and the test split passed as
+validation data (notebooks 08 and 10). Both checks parse the code cells with `ast`; the second
+maps positional arguments to parameter names with the signatures of the tlkit functions that take
+validation data, so `train_head(head, train, test_features)` is caught as well as
+`fit(..., validation_data=test_images)`.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tlkit import detect, fine_tuning, heads, semi
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+# tlkit functions that take validation data, by the name a notebook calls them with.
+_TAKES_VALIDATION = {
+    function.__name__: function
+    for function in (
+        heads.train_head,
+        fine_tuning.fine_tune,
+        fine_tuning.fine_tune_split,
+        fine_tuning.fine_tune_cached,
+        detect.train_detector,
+        semi.pseudo_label,
+        semi.fixmatch,
+    )
+}
+
+
+def code_cells(notebook: dict) -> list[str]:
+    """The source of every code cell, IPython magics and shell lines blanked for `ast`."""
+    cells = []
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            source = "".join(cell["source"])
+            cells.append(re.sub(r"(?m)^(\s*)[%!].*$", r"\1pass", source))
+    return cells
+
+
+def duplicated_code_cells(notebook: dict) -> list[int]:
+    """Positions (among code cells) of cells whose code repeats an earlier cell's."""
+    seen, repeated = set(), []
+    for position, source in enumerate(code_cells(notebook)):
+        key = source.strip()
+        if key and key in seen:
+            repeated.append(position)
+        seen.add(key)
+    return repeated
+
+
+def _mentions_test(node: ast.AST) -> bool:
+    """True if an expression names a test split: `test_split`, `flowers.test`, `splits["test"]`."""
+    for child in ast.walk(node):
+        words = []
+        if isinstance(child, ast.Name):
+            words = child.id.lower().split("_")
+        elif isinstance(child, ast.Attribute):
+            words = child.attr.lower().split("_")
+        elif isinstance(child, ast.Constant) and isinstance(child.value, str):
+            words = [child.value.lower()]
+        if "test" in words:
+            return True
+    return False
+
+
+def _callee_name(call: ast.Call) -> str:
+    func = call.func
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else ""
+
+
+def _validation_arguments(call: ast.Call) -> list[ast.AST]:
+    """The arguments of a call that are validation data, by keyword or by position."""
+    found = [k.value for k in call.keywords if k.arg and "validation" in k.arg]
+    function = _TAKES_VALIDATION.get(_callee_name(call))
+    if function is not None:
+        names = list(inspect.signature(function).parameters)
+        for name, argument in zip(names, call.args, strict=False):
+            if "validation" in name:
+                found.append(argument)
+    return found
+
+
+def validation_on_test(notebook: dict) -> list[str]:
+    """The source of each call that passes a test split as validation data."""
+    offences = []
+    for source in code_cells(notebook):
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and any(map(_mentions_test, _validation_arguments(node))):
+                offences.append(ast.get_source_segment(source, node) or ast.dump(node))
+    return offences
+
+
+def _notebook(*sources: str) -> dict:
+    return {"cells": [{"cell_type": "code", "source": [s]} for s in sources]}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_no_notebook_repeats_a_code_cell(path):
+    notebook = json.loads(path.read_text())
+    assert duplicated_code_cells(notebook) == [], f"{path.name} repeats a code cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_no_notebook_validates_on_the_test_split(path):
+    notebook = json.loads(path.read_text())
+    assert validation_on_test(notebook) == [], path.name
+
+
+def test_the_duplicate_check_catches_a_pasted_cell():
+    run = "rows = []\nfor seed in SEEDS:\n    rows.append(run(seed))\n"
+    assert duplicated_code_cells(_notebook("import tlkit", run, "print(rows)", run + "\n")) == [3]
+    assert duplicated_code_cells(_notebook("import tlkit", run, "print(rows)")) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "head.fit(x, validation_data=test_split.to_dataset(64))",
+        "model.fit(x, validation_data=student_splits['test'].to_dataset(64))",
+        "pseudo_label(head, labelled, unlabelled, validation=test_features)",
+        "fine_tune_cached(base, head, train_split, validation_split=flowers.test)",
+        "tlkit.train_head(head, train_features, test_features, epochs=3)",  # By position.
+        "%pip install tlkit\nfit(x, validation_data=test_images)",
+    ],
+)
+def test_the_validation_check_catches_a_test_split(source):
+    assert len(validation_on_test(_notebook(source))) == 1
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "head.fit(x, validation_data=validation_split.to_dataset(64))",
+        "tlkit.train_head(head, features['train'], features['validation'])",
+        "fine_tune_cached(base, head, train_split, validation_split=validation_split)",
+        "accuracy = evaluate_head(head, test_features)",  # Testing on test is the point.
+        "detect.train_detector(detector, train_data, validation_data, epochs=3)",
+    ],
+)
+def test_the_validation_check_passes_validation_data(source):
+    assert validation_on_test(_notebook(source)) == []

@@ -112,7 +112,7 @@ def test_detector_output_shape(tiny_detector):
     num_anchors = (8 * 12 + 4 * 6 + 2 * 3) * 3
     assert tiny_detector.output_shape == (None, num_anchors, 4 + 2)
     assert len(tiny_detector.anchors) == num_anchors
-    assert not tiny_detector.get_layer("feature_pyramid").trainable
+    assert not tiny_detector.get_layer("backbone").trainable
     output = tiny_detector(np.zeros((2, 64, 96, 3), "float32"))
     assert tuple(output.shape) == (2, num_anchors, 6)
 
@@ -188,7 +188,7 @@ def test_tiny_overfit_reaches_high_map(tmp_path):
     keras.utils.set_random_seed(0)
     examples = _square_images(tmp_path)
     detector = detect.build_detector("mobilenet_v2", num_classes=3, image_size=(128, 128))
-    pyramid = detector.get_layer("feature_pyramid")
+    pyramid = detector.get_layer("backbone")
     before = [w.copy() for w in pyramid.get_weights()[:4]]
     data = detect.prepare_detection_data(detector, examples, views=4)
     assert data.features[0].shape[0] == 12 and data.targets.shape[0] == 12
@@ -248,7 +248,7 @@ def test_trained_detector_saves_and_loads_with_identical_boxes(tmp_path):
     np.testing.assert_array_equal(loaded.anchors, detector.anchors)
     assert loaded.class_names == ["red", "blue"]
     assert loaded.pyramid_layers == detector.pyramid_layers
-    assert not loaded.get_layer("feature_pyramid").trainable
+    assert not loaded.get_layer("backbone").trainable
     for before, after in zip(detector.get_weights(), loaded.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
     images = np.stack([np.asarray(Image.open(e.image_path), "float32") for e in examples])

@@ -190,6 +190,28 @@ def _pyramid_layers(spec, strides: tuple[int, ...]) -> list[str]:
     return [by_stride[stride] for stride in strides]
 
 
+BACKBONE_LAYER = "backbone"
+"""Name of the detector's frozen base (strides 8, 16, 32); the pyramid is in the head."""
+
+
+def frozen_backbone(detector: keras.Model) -> keras.Model:
+    """The frozen base inside a detector from `build_detector`.
+
+    Detectors saved before the base was named `backbone` call it
+    `feature_pyramid`; both are found.
+
+    Raises:
+        ValueError: If `detector` has neither layer.
+    """
+    for name in (BACKBONE_LAYER, "feature_pyramid"):
+        if any(layer.name == name for layer in detector.layers):
+            return detector.get_layer(name)
+    raise ValueError(
+        f"Expected a detector from tlkit.detect.build_detector with a `{BACKBONE_LAYER}` layer. "
+        f"Received: layers={[layer.name for layer in detector.layers]}"
+    )
+
+
 def build_detector(
     backbone: str = "mobilenet_v2",
     num_classes: int = 3,
@@ -209,9 +231,10 @@ def build_detector(
     each anchor (see `BOX_VARIANCE`) then class logits. Use `predict_boxes`
     for boxes in pixels after non-maximum suppression.
 
-    The model has two nested parts: `feature_pyramid` (the frozen base,
-    called with `training=False`, outputting strides 8, 16 and 32) and
-    `detection_head` (trainable), so the head can be trained on cached
+    The model has two nested parts: `backbone` (the frozen base, called
+    with `training=False`, outputting its feature maps at strides 8, 16 and
+    32) and `detection_head` (trainable: the feature pyramid and the box and
+    class convolutions), so the head can be trained on cached
     features and used in the detector without copying weights. The anchors
     are in `detector.anchors`, class names in `detector.class_names`.
 
@@ -267,16 +290,16 @@ def build_detector(
     strides = (8, 16, 32)
     names = _pyramid_layers(spec, strides)  # Before building: fails fast.
     base = build_backbone(backbone, image_size=None, weights=weights)
-    feature_pyramid = keras.Model(
-        base.input, [base.get_layer(n).output for n in names], name="feature_pyramid"
+    frozen_base = keras.Model(
+        base.input, [base.get_layer(n).output for n in names], name=BACKBONE_LAYER
     )
-    feature_pyramid.trainable = False
-    channels = [int(output.shape[-1]) for output in feature_pyramid.outputs]
+    frozen_base.trainable = False
+    channels = [int(output.shape[-1]) for output in frozen_base.outputs]
     anchors_per_cell = len(scales) * len(aspect_ratios)
     head = _build_head(channels, num_classes, anchors_per_cell, head_width, head_depth)
 
     inputs = keras.Input(shape=(*image_size, 3), name="image")
-    features = feature_pyramid(inputs, training=False)
+    features = frozen_base(inputs, training=False)
     outputs = DetectionOutput(
         class_names=list(class_names) if class_names else [str(i) for i in range(num_classes)],
         strides=strides,
@@ -634,7 +657,7 @@ def prepare_detection_data(
     if not examples:
         raise ValueError("examples is empty; pass e.g. dataset.train. Received: examples=[]")
     height, width = detector.input_shape[1:3]
-    feature_pyramid = detector.get_layer("feature_pyramid")
+    frozen_base = frozen_backbone(detector)
     images, scaled_boxes, sizes = [], [], []
     for example in examples:
         image = load_image(example.image_path)
@@ -644,13 +667,13 @@ def prepare_detection_data(
         scaled_boxes.append(np.asarray(example.boxes, "float32").reshape(-1, 4) * scale)
     images = np.stack(images)
     flips = [(False, False), (True, False), (False, True), (True, True)][:views]
-    features = [[] for _ in feature_pyramid.outputs]
+    features = [[] for _ in frozen_base.outputs]
     targets = []
     for flip_x, flip_y in flips:
         view = images[:, :, ::-1] if flip_x else images
         view = view[:, ::-1] if flip_y else view
         for start in range(0, len(view), batch_size):
-            outputs = feature_pyramid(
+            outputs = frozen_base(
                 np.ascontiguousarray(view[start : start + batch_size]), training=False
             )
             for level, output in zip(features, outputs, strict=True):

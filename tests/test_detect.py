@@ -289,3 +289,14 @@ def test_save_and_load_detector_errors(tiny_detector, tmp_path):
         detect.load_detector(tmp_path / "plain.keras")
     with pytest.raises(FileNotFoundError, match="save_detector"):
         detect.load_detector(tmp_path / "missing.keras")
+
+
+def test_frozen_backbone_finds_the_base_under_its_old_name_too():
+    inputs = keras.Input((8, 8, 3))
+    legacy = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs), name="feature_pyramid")
+    outer_inputs = keras.Input((8, 8, 3))
+    detector = keras.Model(outer_inputs, legacy(outer_inputs))
+    assert detect.frozen_backbone(detector) is legacy
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="`backbone` layer"):
+        detect.frozen_backbone(plain)

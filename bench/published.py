@@ -31,11 +31,21 @@
   numbers, so treat the accuracy margin with that in mind; AUC was above 0.962
   at every epoch.
 
+- gtsrb, the shipped subset (60 train / 15 validation per class split by
+  physical sign, 1674 official test images). The published numbers are for the
+  *full* benchmark (39,209 training images): the 2011 winner, a committee of
+  CNNs (Ciresan et al.), 99.46 %; this subset has 60 per class, so the column
+  is a ceiling, not a target. tlkit's goal on the subset is 95 % (issue 13).
+  The `run` row is the frozen-feature default (about 72 % at 224 px); the
+  `fine_tuned` row fine-tunes from the middle of the network on cached
+  activations with the `signs` preset (no flips), the recipe of notebook 11.
+
 Every run is `tlkit.train_run` (features cached once, head trained on them,
 evaluation on the test split), each in its own process, for every seed given
 with --seeds.
 
     python bench/published.py                  # full, seeds 42 43 44: ~25 minutes on 2 quiet cores
+                                               # before the gtsrb rows (not yet timed)
     python bench/published.py --seeds 42       # one training seed
     python bench/published.py --quick          # ~1 minute (tiny subsets)
 """
@@ -66,12 +76,17 @@ PUBLISHED = {
         "roc_auc": 0.962,
         "source": "MedMNIST v2, ResNet-50 (224)",
     },
+    ("gtsrb", "efficientnet_lite0"): {
+        "accuracy": 0.9946,
+        "source": "full GTSRB (39,209 training images, not this 60-per-class subset): "
+        "committee of CNNs, Ciresan et al. 2012",
+    },
 }
 # TrainConfig fields that differ from the defaults, per (dataset, backbone).
 CONFIGS = {
     ("tf_flowers", "efficientnet_lite0"): {"image_size": 288},
 }
-# The fine-tuned recipe (contender `fine_tuned`), one row after the train_run ones.
+# The fine-tuned recipes (contender `fine_tuned`), one row each after the train_run ones.
 FINE_TUNED = {
     "dataset": "pneumoniamnist",
     "backbone": "efficientnet_lite0",
@@ -84,6 +99,23 @@ FINE_TUNED = {
     "learning_rate": 1e-4,
     "class_weight": "balanced",
 }
+# Notebook 11's full-mode recipe. Not yet run by this script. Found with one seed (42) on the
+# validation curve: from block3 at 128 px, 3 views, Adam 1e-4 for 8 epochs gave validation
+# 0.926 (still rising) and test 0.919; 12 epochs at 2e-4 then gave validation 0.978 and test
+# 0.967 (frozen head 0.676), one seed, in a script with the notebook's steps.
+FINE_TUNED_GTSRB = {
+    "dataset": "gtsrb",
+    "backbone": "efficientnet_lite0",
+    "image_size": 128,
+    "block": "block3",
+    "views": 3,
+    "augmentation": "signs",
+    "head_epochs": 30,
+    "epochs": 12,
+    "learning_rate": 2e-4,
+    "class_weight": None,
+}
+FINE_TUNED_RECIPES = (FINE_TUNED, FINE_TUNED_GTSRB)
 
 
 def run(params: dict, args) -> dict:
@@ -189,10 +221,11 @@ CONTENDERS = {"run": run, "fine_tuned": fine_tuned}
 
 def _settings(dataset: str, backbone: str, contender: str) -> str:
     if contender == "fine_tuned":
+        recipe = next(r for r in FINE_TUNED_RECIPES if r["dataset"] == dataset)
         return (
-            f"head on cached features, then fine_tune_cached from {FINE_TUNED['block']}: "
-            f"{FINE_TUNED['views']} views ({FINE_TUNED['augmentation']}), {FINE_TUNED['epochs']} "
-            f"epochs Adam {FINE_TUNED['learning_rate']:g}, class_weight={FINE_TUNED['class_weight']}"
+            f"head on cached features, then fine_tune_cached from {recipe['block']}: "
+            f"{recipe['views']} views ({recipe['augmentation']}), {recipe['epochs']} "
+            f"epochs Adam {recipe['learning_rate']:g}, class_weight={recipe['class_weight']}"
         )
     settings = {k: v for k, v in CONFIGS.get((dataset, backbone), {}).items() if k != "image_size"}
     return "train_run: " + (", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults")
@@ -219,13 +252,14 @@ def main(argv=None) -> int:
                 "config": CONFIGS.get((dataset, backbone), {}),
             }
             rows.append(_common.run_contender(SCRIPT, "run", params, args.quick))
-    for seed in seeds:
-        rows.append(
-            _common.run_contender(SCRIPT, "fine_tuned", {**FINE_TUNED, "seed": seed}, args.quick)
-        )
+    for recipe in FINE_TUNED_RECIPES:
+        for seed in seeds:
+            rows.append(
+                _common.run_contender(SCRIPT, "fine_tuned", {**recipe, "seed": seed}, args.quick)
+            )
     table_rows, summary = [], []
     groups = [(key, "run") for key in PUBLISHED] + [
-        ((FINE_TUNED["dataset"], FINE_TUNED["backbone"]), "fine_tuned")
+        ((recipe["dataset"], recipe["backbone"]), "fine_tuned") for recipe in FINE_TUNED_RECIPES
     ]
     for (dataset, backbone), contender in groups:
         reference = PUBLISHED[(dataset, backbone)]

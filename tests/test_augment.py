@@ -30,7 +30,7 @@ def _layer_names(pipeline):
 
 def test_list_presets_matches_presets():
     presets = augment.list_presets()
-    assert {"natural", "light", "tutorial", "medical", "none"} <= set(presets)
+    assert {"natural", "light", "tutorial", "medical", "signs", "none"} <= set(presets)
     assert all(isinstance(text, str) and text for text in presets.values())
 
 
@@ -70,6 +70,37 @@ def test_medical_preset_has_no_flip_and_small_rotation():
     ]
     # The factor is a fraction of a full turn: 5 degrees is 5 / 360.
     assert max(abs(bound) for bound in rotation.get_config()["factor"]) * 360 <= 5 + 1e-9
+
+
+def test_signs_preset_never_mirrors_and_blurs():
+    pipeline = augment.build_augmentation("signs", seed=0)
+    assert _layer_names(pipeline) == [
+        "RandomRotation",
+        "RandomZoom",
+        "RandomTranslation",
+        "RandomContrast",
+        "RandomBrightness",
+        "RandomGaussianBlur",
+    ]
+    # A sign whose left half is bright: a flip would put the bright half on the
+    # right (keep_left -> keep_right); the preset's shifts and rotations never do.
+    sided = np.zeros((64, 32, 32, 3), dtype="float32")
+    sided[:, :, :16] = 200.0
+    output = np.asarray(pipeline(sided, training=True))
+    assert output.shape == sided.shape
+    left, right = output[:, :, :12].mean(axis=(1, 2, 3)), output[:, :, 20:].mean(axis=(1, 2, 3))
+    assert np.all(left > right)
+    flipped = np.asarray(augment.build_augmentation("signs", seed=0, flip="horizontal")(sided))
+    assert np.any(flipped[:, :, :12].mean(axis=(1, 2, 3)) < flipped[:, :, 20:].mean(axis=(1, 2, 3)))
+    # Blur alone smooths a checkerboard: neighbouring pixels move closer together.
+    checker = np.indices((32, 32)).sum(axis=0) % 2 * 255.0
+    checker = np.tile(checker[None, :, :, None], (16, 1, 1, 3)).astype("float32")
+    blur = augment.build_augmentation(
+        "signs", seed=0, rotation=None, zoom=None, translation=None, contrast=None, brightness=None
+    )
+    blurred = np.asarray(blur(checker, training=True))
+    steps = np.abs(np.diff(blurred[:, 8:24, 8:24, 0], axis=2)).mean(axis=(1, 2))
+    assert steps.min() < 250.0  # Some images are blurred (a random share, random sigma).
 
 
 def test_none_preset_is_identity(images):
@@ -158,7 +189,7 @@ def test_direct_call_without_training_argument_augments(images):
     assert not np.allclose(np.asarray(pipeline(images)), images)
 
 
-@pytest.mark.parametrize("preset", ["natural", "medical", "tutorial"])
+@pytest.mark.parametrize("preset", ["natural", "medical", "tutorial", "signs"])
 def test_outputs_stay_in_0_255(preset):
     # Extreme pixels are where brightness and contrast would overshoot.
     extremes = np.zeros(IMAGE_SHAPE, dtype="float32")
@@ -182,6 +213,15 @@ def test_same_seed_gives_same_outputs(images):
     assert not np.allclose(
         np.asarray(other(images, training=True)), np.asarray(first(images, training=True))
     )
+
+
+def test_signs_preset_is_seeded(images):
+    first = augment.build_augmentation("signs", seed=7)
+    second = augment.build_augmentation("signs", seed=7)
+    np.testing.assert_allclose(
+        np.asarray(first(images, training=True)), np.asarray(second(images, training=True))
+    )
+    np.testing.assert_array_equal(np.asarray(first(images, training=False)), images)
 
 
 def test_runs_inside_tf_data(images):

@@ -64,6 +64,8 @@ def test_list_and_info():
         "fashion_mnist",
         "fashion_mnist_small",
         "bccd",
+        "gtsrb",
+        "road_signs",
     ):
         assert name in names
     for name in names:
@@ -380,3 +382,58 @@ def test_bccd_detection_from_shared_folder(shared_datasets):
         assert labels.dtype == np.int32
         assert np.all(example_boxes[:, 2] > example_boxes[:, 0])
         assert np.all(example_boxes[:, 3] > example_boxes[:, 1])
+
+
+def test_gtsrb_from_shared_folder(shared_datasets):
+    if not (shared_datasets / "gtsrb").is_dir():
+        pytest.skip(f"gtsrb not found in {shared_datasets}")
+    dataset = data.load("gtsrb", data_dir=shared_datasets, download=False)
+    # Class names are the folder names NN_name, in the official class-id order.
+    assert len(dataset.class_names) == 43
+    assert [int(name[:2]) for name in dataset.class_names] == list(range(43))
+    assert dataset.class_names[0] == "00_speed_limit_20"
+    assert dataset.class_names[42] == "42_end_of_no_passing_over_3.5t"
+    # The shipped split, as the datasets README states it.
+    assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (2580, 633, 1674)
+    assert set(dataset.report.class_counts["train"].values()) == {60}
+    validation = dataset.report.class_counts["validation"]
+    assert validation["19_dangerous_curve_left"] == 3
+    assert {count for name, count in validation.items() if not name.startswith("19_")} == {15}
+    assert max(dataset.report.class_counts["test"].values()) == 40
+    assert dataset.report.skipped == []
+    # Split by physical sign: no track (file-name prefix) appears in two splits.
+    tracks = {
+        split: {(Path(path).parent.name, Path(path).name.split("_")[0]) for path in paths}
+        for split, paths in (("train", dataset.train.paths), ("val", dataset.validation.paths))
+    }
+    assert not tracks["train"] & tracks["val"]
+    assert "Stallkamp" in dataset.info["citation"]
+
+
+def test_local_only_datasets_say_how_to_get_them(isolated):
+    for name, loader in (("gtsrb", data.load), ("road_signs", data.load_detection)):
+        assert data.dataset_info(name)["urls"] == []  # No invented URL or checksum.
+        with pytest.raises(data.DatasetNotFoundError, match="local only.*To get it: download"):
+            loader(name, data_dir=isolated / "mine")  # download=True: still no network.
+        assert "local only" in data.how_to_get(name)
+
+
+def test_road_signs_detection_from_shared_folder(shared_datasets):
+    if not (shared_datasets / "road_signs").is_dir():
+        pytest.skip(f"road_signs not found in {shared_datasets}")
+    dataset = data.load_detection("road_signs", data_dir=shared_datasets, download=False)
+    assert dataset.class_names == ["speedlimit", "crosswalk", "trafficlight", "stop"]
+    assert (len(dataset.train), len(dataset.validation), len(dataset.test)) == (613, 88, 176)
+    totals = {
+        name: sum(counts[name] for counts in dataset.report.class_counts.values())
+        for name in dataset.class_names
+    }
+    assert totals == {"speedlimit": 783, "crosswalk": 200, "trafficlight": 170, "stop": 91}
+    assert dataset.dropped_boxes == []  # No zero-area boxes in this set.
+    boxes = np.concatenate(
+        [example.boxes for example in dataset.train + dataset.validation + dataset.test]
+    )
+    assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert int(np.sum(areas < 32 * 32)) == 412  # "smaller than 32x32 px" (COCO's small).
+    assert all(Path(example.image_path).is_file() for example in dataset.test)

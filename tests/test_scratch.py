@@ -40,3 +40,10 @@ def test_batch_norm_momentum_reaches_every_norm_layer():
 def test_scratch_cnn_rejects_bad_arguments(arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build_scratch_cnn(3, **arguments)
+
+
+def test_scratch_cnn_without_flip_for_sided_classes():
+    flipping = build_scratch_cnn(3, image_size=32, filters=(8,))
+    plain = build_scratch_cnn(3, image_size=32, filters=(8,), flip=None)
+    assert any(isinstance(layer, keras.layers.RandomFlip) for layer in flipping.layers)
+    assert not any(isinstance(layer, keras.layers.RandomFlip) for layer in plain.layers)

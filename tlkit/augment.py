@@ -46,6 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "translation": 0.1,
         "contrast": 0.2,
         "brightness": 0.2,
+        "blur": None,
         "fill_mode": "reflect",
     },
     "light": {
@@ -56,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "translation": None,
         "contrast": None,
         "brightness": None,
+        "blur": None,
         "fill_mode": "reflect",
     },
     "tutorial": {
@@ -69,6 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "translation": None,
         "contrast": None,
         "brightness": None,
+        "blur": None,
         "fill_mode": "reflect",
     },
     "medical": {
@@ -83,9 +86,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "translation": 0.05,
         "contrast": 0.1,
         "brightness": 0.1,
+        "blur": None,
         # Reflecting ribs and collarbones into the border would draw anatomy that
         # cannot exist; a black border looks like the edge of the film.
         "fill_mode": "constant",
+    },
+    "signs": {
+        "description": (
+            "Traffic signs: no flips (a flip turns keep_left into keep_right), rotation "
+            "up to +/-9 degrees, zoom and shift up to 10 %, strong brightness and contrast "
+            "(dusk, glare), mild Gaussian blur (motion, focus), nearest fill at the borders."
+        ),
+        "flip": None,
+        "rotation": 0.025,
+        "zoom": 0.1,
+        "translation": 0.1,
+        "contrast": 0.3,
+        "brightness": 0.3,
+        # keras.layers.RandomGaussianBlur (3x3, sigma up to 1): per image, a blur chance
+        # drawn from [0, 0.5], so about a quarter of the images are blurred.
+        "blur": 0.5,
+        # Signs are cropped tightly; repeating the edge pixels keeps the border plain
+        # instead of reflecting half a sign (a second, mirrored symbol) into the frame.
+        "fill_mode": "nearest",
     },
     "none": {
         "description": "No augmentation: the pipeline passes images through unchanged.",
@@ -95,6 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "translation": None,
         "contrast": None,
         "brightness": None,
+        "blur": None,
         "fill_mode": "reflect",
     },
 }
@@ -102,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The settings a preset holds and `build_augmentation` accepts as overrides, in
 # the order their layers run. Each layer's seed is `seed + offset` with a fixed
 # offset, so switching one layer off does not change the others' random draws.
-_LAYER_SETTINGS = ("flip", "rotation", "zoom", "translation", "contrast", "brightness")
+_LAYER_SETTINGS = ("flip", "rotation", "zoom", "translation", "contrast", "brightness", "blur")
 _SETTINGS = (*_LAYER_SETTINGS, "fill_mode")
 _FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
 _FILL_MODES = ("reflect", "wrap", "constant", "nearest")
@@ -145,15 +169,15 @@ def build_augmentation(
 
     Args:
         preset: One of `list_presets()`: `"natural"`, `"light"`, `"tutorial"`,
-            `"medical"` or `"none"`. Defaults to `"natural"`.
+            `"medical"`, `"signs"` or `"none"`. Defaults to `"natural"`.
         seed: Integer seed. Each layer gets its own seed derived from it, so two
             pipelines built with the same seed produce the same sequence of
             augmentations. `None` draws a random seed (affected by
             `keras.utils.set_random_seed`). Defaults to `None`.
         **overrides: Settings that replace the preset's values: `flip` (one of
             `"horizontal"`, `"vertical"`, `"horizontal_and_vertical"`),
-            `rotation`, `zoom`, `translation`, `contrast`, `brightness` (a factor
-            or a `(lower, upper)` pair as the Keras layers take it) and
+            `rotation`, `zoom`, `translation`, `contrast`, `brightness`, `blur`
+            (a factor or a `(lower, upper)` pair as the Keras layers take it) and
             `fill_mode` (`"reflect"`, `"wrap"`, `"constant"`, `"nearest"`).
             Pass `None` to leave a layer out, e.g. `flip=None`.
 
@@ -423,5 +447,9 @@ def _make_layer(name: str, value: Any, fill_mode: str, seed: int | None) -> kera
     if name == "brightness":
         return keras.layers.RandomBrightness(
             value, value_range=_VALUE_RANGE, seed=seed, name="random_brightness"
+        )
+    if name == "blur":
+        return keras.layers.RandomGaussianBlur(
+            value, kernel_size=3, sigma=1.0, value_range=_VALUE_RANGE, seed=seed, name="random_blur"
         )
     raise ValueError(f"Unknown layer setting. Received: name={name!r}")  # pragma: no cover

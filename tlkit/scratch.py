@@ -39,6 +39,7 @@ def build_scratch_cnn(
     seed: int = 0,
     filters: Sequence[int] = (32, 64, 128, 256),
     batch_norm_momentum: float = 0.99,
+    flip: str | None = "horizontal",
 ) -> keras.Model:
     """A small VGG-style CNN with no pretrained weights, compiled.
 
@@ -56,6 +57,9 @@ def build_scratch_cnn(
             (a few hundred steps, as on a CPU with few labels) then predicts
             nearly one class for every image. 0.9 catches up within tens of
             steps. Defaults to 0.99 (the Keras default).
+        flip: The `keras.layers.RandomFlip` mode of the built-in augmentation,
+            or None for no flips (traffic signs, text: a flip changes the
+            class). Defaults to `"horizontal"`.
 
     Returns:
         A compiled `keras.Model` taking raw 0..255 RGB images of any size.
@@ -83,7 +87,8 @@ def build_scratch_cnn(
         )
     inputs = keras.Input(shape=(None, None, 3), name="image")
     x = keras.layers.Resizing(image_size, image_size, name="resize")(inputs)
-    x = keras.layers.RandomFlip("horizontal", seed=seed)(x)
+    if flip is not None:
+        x = keras.layers.RandomFlip(flip, seed=seed)(x)
     x = keras.layers.Rescaling(1.0 / 255)(x)
     for width in filters:
         x = keras.layers.Conv2D(int(width), 3, padding="same", use_bias=False)(x)

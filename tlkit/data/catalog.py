@@ -73,6 +73,7 @@ FASHION_MNIST_CLASS_NAMES = [
     "Ankle boot",
 ]
 BCCD_CLASS_NAMES = ["RBC", "WBC", "Platelets"]
+ROAD_SIGNS_CLASS_NAMES = ["speedlimit", "crosswalk", "trafficlight", "stop"]
 
 
 class UnsafeArchiveError(ValueError):
@@ -106,6 +107,7 @@ class _Entry:
     class_names: tuple[str, ...] = field(default=())
     tfds_name: str | None = None  # A tensorflow-datasets copy that can stand in.
     size: str = ""  # Download size, for messages.
+    manual: str = ""  # How to get a local-only dataset (no verifiable download).
 
 
 def _has(*relative: str) -> Callable[[Path], bool]:
@@ -116,6 +118,10 @@ def _has_npz(folder: Path) -> bool:
     return (folder / "pneumoniamnist.npz").is_file() or (
         folder / "pneumoniamnist" / "pneumoniamnist.npz"
     ).is_file()
+
+
+def _has_gtsrb(folder: Path) -> bool:
+    return (folder / "train" / "00_speed_limit_20").is_dir() and (folder / "test").is_dir()
 
 
 def _has_bccd(folder: Path) -> bool:
@@ -313,6 +319,74 @@ _ENTRIES: dict[str, _Entry] = {
                 "dropped by load_detection.",
             },
         ),
+        _Entry(
+            name="gtsrb",
+            task="classification",
+            folder="gtsrb",
+            layout="gtsrb/{train,validation,test}/NN_name/*.png "
+            "(00_speed_limit_20 .. 42_end_of_no_passing_over_3.5t)",
+            is_complete=_has_gtsrb,
+            # No archive of this subset has a published, checkable sha256: local only.
+            downloads=(),
+            archive_subfolder=None,
+            manual=(
+                "download the official GTSRB training and test archives from "
+                "https://benchmark.ini.rub.de/gtsrb_dataset.html and build the subset: "
+                "60 train and 15 validation images per class from different tracks, up to "
+                "40 test images per class, class folders NN_name in the official id order"
+            ),
+            info={
+                "source": "German Traffic Sign Recognition Benchmark (GTSRB), Institut fuer "
+                "Neuroinformatik, Ruhr-Universitaet Bochum; a subset at original resolution",
+                "licence": "Research use with citation (Stallkamp et al. 2012)",
+                "citation": (
+                    "J. Stallkamp, M. Schlipsing, J. Salmen, C. Igel. Man vs. computer: "
+                    "Benchmarking machine learning algorithms for traffic sign recognition. "
+                    "Neural Networks 32 (2012) 323-332."
+                ),
+                "homepage": "https://benchmark.ini.rub.de/gtsrb_dataset.html",
+                "notes": (
+                    "43 classes; class names are the folder names NN_name, NN the official "
+                    "class id. Shipped split: train 60 per class (2580), validation 15 per "
+                    "class (633; class 19 has 3) from other physical signs (tracks), test up "
+                    "to 40 per class (1674) from the official test set. Frames of one track "
+                    "are near-duplicates: never re-split train randomly (it leaks). Many "
+                    "classes are mirror images of each other: never flip."
+                ),
+            },
+        ),
+        _Entry(
+            name="road_signs",
+            task="detection",
+            folder="road_signs",
+            layout="road_signs/{images/*.jpg, annotations/*.xml (Pascal VOC), "
+            "ImageSets/Main/{train,val,test}.txt}",
+            is_complete=_has_bccd,
+            # Kaggle needs an account; its archive has no published sha256: local only.
+            downloads=(),
+            archive_subfolder=None,
+            class_names=tuple(ROAD_SIGNS_CLASS_NAMES),
+            manual=(
+                "download Kaggle's 'Road Sign Detection' (andrewmvd, needs a Kaggle "
+                "account) from https://www.kaggle.com/datasets/andrewmvd/road-sign-detection, "
+                "composite transparent PNG pixels on white, save them as images/*.jpg next to "
+                "annotations/*.xml and write ImageSets/Main/{train,val,test}.txt"
+            ),
+            info={
+                "source": "Kaggle 'Road Sign Detection' by andrewmvd "
+                "(877 web photos, Pascal VOC boxes)",
+                "licence": "CC0 1.0",
+                "citation": "andrewmvd. Road Sign Detection. Kaggle, 2020. "
+                "https://www.kaggle.com/datasets/andrewmvd/road-sign-detection",
+                "homepage": "https://www.kaggle.com/datasets/andrewmvd/road-sign-detection",
+                "notes": (
+                    "Object detection (speedlimit, crosswalk, trafficlight, stop), 877 "
+                    "photos mostly 300x400; seeded split train/val/test 613/88/176; 1244 "
+                    "boxes, 412 smaller than 32x32 px. A speed-limit box can show any "
+                    "number: the class is 'speedlimit', not the value."
+                ),
+            },
+        ),
     )
 }
 
@@ -429,6 +503,10 @@ def how_to_get(name: str) -> str:
         f"set TLKIT_DATA_DIR to a folder holding {entry.layout}",
         f"or put it in {cache_dir() / 'datasets' / entry.folder}",
     ]
+    if entry.manual:
+        ways.append(
+            f"to get it ({entry.name} is local only: no checkable download): {entry.manual}"
+        )
     if entry.tfds_name:
         ways.append(f"or prepare it with tensorflow_datasets.load({entry.tfds_name!r})")
     if entry.downloads:
@@ -516,7 +594,12 @@ def _not_found_message(
     entry: _Entry, candidates: list[Path], download: bool, failure: str | None
 ) -> str:
     searched = "\n".join(f"  - {candidate}" for candidate in candidates)
-    if not entry.downloads:
+    if entry.manual:
+        download_line = (
+            f"This dataset is local only (no download with a published checksum). "
+            f"To get it: {entry.manual}."
+        )
+    elif not entry.downloads:
         download_line = "This dataset is not downloadable."
     elif failure:
         download_line = failure
@@ -669,7 +752,7 @@ def load(
 
     Args:
         name: One of `list_datasets()` whose task is classification:
-            "tf_flowers", "cats_and_dogs_filtered", "pneumoniamnist",
+            "tf_flowers", "cats_and_dogs_filtered", "gtsrb", "pneumoniamnist",
             "fashion_mnist" or "fashion_mnist_small".
         data_dir: A folder that is, or holds, the dataset folder; searched
             before `$TLKIT_DATA_DIR` and the cache. Defaults to `None`.
@@ -711,7 +794,8 @@ def load(
             name=name,
             info=info,
         )
-    if name == "cats_and_dogs_filtered":
+    if name in ("cats_and_dogs_filtered", "gtsrb"):
+        # The shipped split folders, as they are (gtsrb's is by physical sign).
         return from_directory(folder, image_size=image_size, name=name, info=info)
     if name == "pneumoniamnist":
         npz = folder / "pneumoniamnist.npz"
@@ -858,7 +942,8 @@ def load_detection(
     `xmax <= xmin` or `ymax <= ymin` are dropped and listed in `dropped_boxes`.
 
     Args:
-        name: A detection dataset of `list_datasets()`: "bccd". Defaults to "bccd".
+        name: A detection dataset of `list_datasets()`: "bccd" or "road_signs".
+            Defaults to "bccd".
         data_dir: A folder that is, or holds, the dataset folder. Defaults to `None`.
         download: Whether to download when no copy is found. Defaults to `True`.
         allow_unverified: Whether to download files without a published

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -144,3 +145,24 @@ def test_a_damaged_converted_weights_file_is_named_and_converted_again(
     if damage == "replaced":
         kernel = np.asarray(model.get_layer("predictions").kernel)
         assert not np.array_equal(kernel, np.asarray(other.get_layer("predictions").kernel))
+
+
+def test_resume_refuses_a_copy_with_other_pixels(tmp_path, tlkit_cache_dir):
+    """The checkpoint's data check is by content too, not by names, sizes and times."""
+    first = from_directory(_make_folder(tmp_path / "A", count=4), validation_split=0.5)
+    config = tlkit.TrainConfig(
+        backbone="mobilenet_v2", image_size=SIZE, epochs=1, fine_tune_epochs=1, batch_size=4
+    )
+    out = tmp_path / "run"
+    tlkit.train_run(first, config, out=out, progress=False)
+    state_path = out / "checkpoints" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["complete"] = False  # As if the run had been killed after its last checkpoint.
+    state_path.write_text(json.dumps(state))
+
+    second = from_directory(
+        _copy_with_swapped_classes(tmp_path / "A", tmp_path / "B"), validation_split=0.5
+    )
+    assert first.train.fingerprint() == second.train.fingerprint()  # The cheap key agrees.
+    with pytest.raises(ValueError, match="The data changed"):
+        tlkit.train_run(second, config, out=out, resume=True, progress=False)

@@ -344,7 +344,8 @@ class _Run:
 
 def _start_run(dataset, config, out, resume, progress, log, strategy) -> _Run:
     """Resolves the settings of a run, loads its checkpoint state and seeds it."""
-    fingerprints = {name: split.fingerprint() for name, split in dataset.splits.items()}
+    # By content, like the feature cache: a `cp -p` copy with other pixels is other data.
+    fingerprints = {name: split.content_fingerprint() for name, split in dataset.splits.items()}
     checkpoints = Path(out) / "checkpoints" if out is not None else None
     state = _load_state(checkpoints, config, fingerprints) if resume else None
     if config.deterministic:

@@ -23,7 +23,7 @@ from tlkit.inference import BACKENDS
 from tlkit.predict import load_classifier, predict_files
 from tlkit.preflight import doctor_command
 from tlkit.scratch import compare_with_scratch
-from tlkit.training import TrainConfig, prepare_run_folder, train_run
+from tlkit.training import FINE_TUNE_ON, TrainConfig, prepare_run_folder, train_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +94,39 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=TrainConfig.fine_tune_blocks,
         help="blocks to unfreeze (default: %(default)s)",
+    )
+    train.add_argument(
+        "--fine-tune-from",
+        default=TrainConfig.fine_tune_from,
+        metavar="BLOCK",
+        help="first block to unfreeze, e.g. block3 (that block and all after it); "
+        "overrides --fine-tune-blocks",
+    )
+    train.add_argument(
+        "--fine-tune-on",
+        default=TrainConfig.fine_tune_on,
+        choices=FINE_TUNE_ON,
+        help="images: the whole model on images, fresh augmentation every epoch; "
+        "activations: the top blocks on cached lower-block activations (--views views per "
+        "image), several times faster on a CPU (default: %(default)s)",
+    )
+    train.add_argument(
+        "--fine-tune-learning-rate",
+        type=float,
+        default=TrainConfig.fine_tune_learning_rate,
+        help="Adam learning rate after unfreezing (default: %(default)g)",
+    )
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        default=TrainConfig.learning_rate,
+        help="Adam learning rate of the head on cached features (default: %(default)g)",
+    )
+    train.add_argument(
+        "--dropout",
+        type=float,
+        default=TrainConfig.dropout_rate,
+        help="dropout before the classifier (default: %(default)s)",
     )
     train.add_argument(
         "--views",
@@ -273,6 +306,11 @@ def _train(arguments) -> int:
         epochs=arguments.epochs,
         fine_tune_epochs=arguments.fine_tune_epochs,
         fine_tune_blocks=arguments.fine_tune_blocks,
+        fine_tune_from=arguments.fine_tune_from,
+        fine_tune_on=arguments.fine_tune_on,
+        fine_tune_learning_rate=arguments.fine_tune_learning_rate,
+        learning_rate=arguments.learning_rate,
+        dropout_rate=arguments.dropout,
         views=arguments.views,
         augmentation=arguments.augmentation,
         batch_size=arguments.batch_size,

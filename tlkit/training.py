@@ -26,12 +26,15 @@ from tlkit._io import atomic_path, write_json
 from tlkit._version import __version__
 from tlkit.augment import list_presets
 from tlkit.backbones import build_backbone, get_backbone
-from tlkit.features import extract_features
-from tlkit.fine_tuning import fine_tune_split
+from tlkit.features import FeatureSet, extract_features
+from tlkit.fine_tuning import fine_tune_cached, fine_tune_split, reseed_layers, split_at_block
 from tlkit.heads import build_head, train_head
 from tlkit.inference import BACKENDS, inference_function
 from tlkit.input_config import resolve_input_config
 from tlkit.models import block_names, build_classifier, build_feature_extractor, unfreeze
+
+# What `TrainConfig.fine_tune_on` accepts: fine-tuning on images or on cached activations.
+FINE_TUNE_ON = ("images", "activations")
 
 
 @dataclass
@@ -42,8 +45,18 @@ class TrainConfig:
         backbone: Registry name of the pretrained base.
         image_size: Square input size; None means the backbone's default.
         epochs: Head epochs on cached features.
-        fine_tune_epochs: Epochs with the top blocks unfrozen (on images).
-        fine_tune_blocks: How many blocks to unfreeze, counted from the output.
+        fine_tune_epochs: Epochs with the top blocks unfrozen.
+        fine_tune_blocks: How many blocks to unfreeze, counted from the output
+            (ignored when `fine_tune_from` names a block).
+        fine_tune_from: The first block to unfreeze (that block and all after
+            it, e.g. "block3"), or None to count `fine_tune_blocks` instead.
+        fine_tune_on: What the top blocks are fine-tuned on. "images": the
+            whole classifier on images, a fresh augmentation every epoch
+            (`fine_tune_split`). "activations": only the blocks from
+            `fine_tune_from` on, trained on the activations that enter them,
+            computed once for `views` views per image
+            (`tlkit.fine_tuning.fine_tune_cached`); the frozen blocks below
+            run once instead of every epoch, several times faster on a CPU.
         views: Feature views per training image (1 plain + views-1 augmented).
         augmentation: `tlkit.augment` preset for the extra views and fine-tuning.
         batch_size: Batch size for images, per replica.
@@ -67,6 +80,8 @@ class TrainConfig:
     epochs: int = 20
     fine_tune_epochs: int = 0
     fine_tune_blocks: int = 2
+    fine_tune_from: str | None = None
+    fine_tune_on: str = "images"
     views: int = 1
     augmentation: str = "natural"
     batch_size: int = 32
@@ -91,6 +106,11 @@ class TrainConfig:
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"backend must be one of {list(BACKENDS)}. Received: backend={self.backend!r}"
+            )
+        if self.fine_tune_on not in FINE_TUNE_ON:
+            raise ValueError(
+                f"fine_tune_on must be one of {list(FINE_TUNE_ON)}. "
+                f"Received: fine_tune_on={self.fine_tune_on!r}"
             )
         if self.epochs == 0 and self.fine_tune_epochs == 0:
             raise ValueError("Nothing to train: epochs and fine_tune_epochs are both 0.")
@@ -137,12 +157,36 @@ class TrainConfig:
                 f"Received: augmentation={self.augmentation!r}"
             )
         if self.fine_tune_epochs:
-            available = _block_count(self.backbone)
-            if self.fine_tune_blocks > available:
+            names = _block_names(self.backbone)
+            if self.fine_tune_from is not None and self.fine_tune_from not in names[1:]:
                 raise ValueError(
-                    f"fine_tune_blocks must be between 0 and {available}, the blocks of "
+                    f"fine_tune_from must name a block of {self.backbone} after the stem, one "
+                    f"of {list(names[1:])}. Received: fine_tune_from={self.fine_tune_from!r}"
+                )
+            if self.fine_tune_from is None and self.fine_tune_blocks > len(names):
+                raise ValueError(
+                    f"fine_tune_blocks must be between 0 and {len(names)}, the blocks of "
                     f"{self.backbone}. Received: fine_tune_blocks={self.fine_tune_blocks}"
                 )
+            if self.fine_tune_on == "activations" and self.fine_tune_from is None:
+                if not 1 <= self.fine_tune_blocks < len(names):
+                    raise ValueError(
+                        "Fine-tuning on activations needs at least one frozen block below "
+                        f"(the stem at least): fine_tune_blocks between 1 and {len(names) - 1}. "
+                        f"Received: fine_tune_blocks={self.fine_tune_blocks}"
+                    )
+            if self.fine_tune_on == "activations" and self.views > 1 and not self.augmentation:
+                raise ValueError(
+                    "views > 1 needs an augmentation preset for the extra views. "
+                    f"Received: views={self.views}, augmentation={self.augmentation!r}"
+                )
+
+    def first_fine_tuned_block(self) -> str:
+        """The first block that fine-tuning unfreezes (`fine_tune_from`, else counted)."""
+        if self.fine_tune_from is not None:
+            return self.fine_tune_from
+        names = _block_names(self.backbone)
+        return names[len(names) - self.fine_tune_blocks]
 
 
 def _is_int(value) -> bool:
@@ -150,9 +194,9 @@ def _is_int(value) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _block_count(backbone: str) -> int:
-    """How many blocks `unfreeze` can count in a backbone (built once, without weights)."""
-    return len(block_names(build_backbone(backbone, weights=None)))
+def _block_names(backbone: str) -> tuple[str, ...]:
+    """The blocks `unfreeze` knows in a backbone (built once, without weights)."""
+    return tuple(block_names(build_backbone(backbone, weights=None)))
 
 
 @dataclass
@@ -231,11 +275,23 @@ def train_run(
        (the same numbers as the whole model on images, without a second pass
        of the base); after fine-tuning, end to end on images.
 
+    With `fine_tune_on="activations"`, steps 1 and 3 change: the base is cut
+    at `first_fine_tuned_block()`, the activations entering that block are
+    computed once (cached, `views` per training image), the head is trained
+    on the features the upper blocks make of them (no second pass of the
+    base), and `fine_tune_cached` trains the upper blocks and the head on
+    the cached activations (BatchNorm frozen).
+
     With a run folder, a checkpoint is written after the head phase and after
-    every fine-tuning epoch (`out/checkpoints/`), each file atomically. Every
-    epoch's shuffle order and random state derive from (seed, epoch) alone, so
-    a run resumed with `resume=True` after being killed ends with the same
-    result as an uninterrupted one.
+    every fine-tuning epoch on images (`out/checkpoints/`), each file
+    atomically. Every epoch's shuffle order and random state derive from
+    (seed, epoch) alone, so a run resumed with `resume=True` after being
+    killed ends with the same result as an uninterrupted one. Fine-tuning on
+    activations is one `fit` over all its epochs and has no per-epoch
+    checkpoint: a resumed run restores the head and restarts that phase from
+    its first epoch (from the cached activations, so only the fine-tuning
+    epochs are repeated), with the same seeds, so it ends where an
+    uninterrupted run would.
 
     Args:
         dataset: A `tlkit.data.ImageDataset`.
@@ -272,23 +328,33 @@ def train_run(
         base = build_feature_extractor(config.backbone, run.image_size)
     run.timings["build_s"] = time.perf_counter() - clock
 
-    train_features, validation_features = _extract_run_features(run, base)
+    on_activations = bool(config.fine_tune_epochs) and config.fine_tune_on == "activations"
+    if on_activations:
+        train_features, validation_features = _extract_run_activations(run, base)
+    else:
+        train_features, validation_features = _extract_run_features(run, base)
     head = _train_run_head(run, train_features, validation_features)
-    with distribute.scope(strategy):
-        model = build_classifier(
-            config.backbone,
-            dataset.num_classes,
-            run.image_size,
-            augmentation=config.augmentation if config.fine_tune_epochs else None,
-            base=base,
-            head=head,
-            class_names=dataset.class_names,
-        )
-    if config.fine_tune_epochs:
-        model = _fine_tune_with_checkpoints(run, model)
+    cache_hits = _cache_hits(train_features, validation_features)
+    if on_activations:
+        del train_features  # The fine-tuning reads the activations again from the cache.
+        train_features = None
+        model = _fine_tune_on_activations(run, base, head)
+    else:
+        with distribute.scope(strategy):
+            model = build_classifier(
+                config.backbone,
+                dataset.num_classes,
+                run.image_size,
+                augmentation=config.augmentation if config.fine_tune_epochs else None,
+                base=base,
+                head=head,
+                class_names=dataset.class_names,
+            )
+        if config.fine_tune_epochs:
+            model = _fine_tune_with_checkpoints(run, model)
     metrics = _evaluate_run(run, model, base, head, validation_features)
     run.timings["total_s"] = time.perf_counter() - run.started
-    metrics.update(_run_record(run, train_features, validation_features))
+    metrics.update(_run_record(run, cache_hits))
     if out is not None:
         write_run(out, model, metrics, run.histories)
         run.save_state(head_done=True, fine_tune_epochs_done=config.fine_tune_epochs, complete=True)
@@ -414,6 +480,89 @@ def _extract_run_features(run: _Run, base: keras.Model):
     return train_features, validation_features
 
 
+def _extract_run_activations(run: _Run, base: keras.Model):
+    """Step 1 on activations: lower-block activations (cached) and the features above them.
+
+    The head is trained on `upper(activations)`, which equals the base's
+    features, so the base never runs a second time over the images.
+    """
+    config = run.config
+    clock = time.perf_counter()
+    block = config.first_fine_tuned_block()
+    lower, upper = split_at_block(base, block)
+
+    def features(split, views):
+        activations = extract_features(
+            lower,
+            split,
+            run.image_size,
+            views=views,
+            augmentation=config.augmentation if views > 1 else None,
+            seed=config.seed,
+            progress=run.progress,
+            backend=run.backend,
+        )
+        pooled = upper.predict(activations.features, batch_size=256, verbose=0)
+        result = FeatureSet(pooled, activations.labels, views, activations.path)
+        result.from_cache = activations.from_cache
+        return result
+
+    train_features = features(run.dataset.train, config.views)
+    validation_split = run.dataset.validation
+    validation_features = features(validation_split, 1) if validation_split is not None else None
+    run.timings["feature_extraction_s"] = time.perf_counter() - clock
+    run.log(
+        f"Activations entering {block}: {len(train_features)} training rows "
+        f"({config.views} view(s) per image)"
+        + (" from the cache" if all(_cache_hits(train_features, validation_features)) else "")
+        + f", features above them in {run.timings['feature_extraction_s']:.1f} s."
+    )
+    return train_features, validation_features
+
+
+def _fine_tune_on_activations(run: _Run, base: keras.Model, head: keras.Model) -> keras.Model:
+    """Step 3 on activations: `fine_tune_cached` from the first fine-tuned block.
+
+    One `fit` over all epochs; a resumed run repeats this whole phase (see
+    `train_run`). The random state is reseeded first, so the phase does the
+    same whether or not the head was restored from a checkpoint.
+    """
+    config = run.config
+    block = config.first_fine_tuned_block()
+    run.log(
+        f"Fine-tuning from {block} on cached activations for {config.fine_tune_epochs} "
+        f"epoch(s) (BatchNorm frozen)..."
+    )
+    # Dropout draws from each layer's own generator, which a restored head has not advanced.
+    keras.utils.set_random_seed(config.seed + 1)
+    reseed_layers(head, config.seed * 1000)
+    reseed_layers(base, config.seed * 1000 + 500)
+    clock = time.perf_counter()
+    with distribute.scope(run.strategy):
+        model, history = fine_tune_cached(
+            base,
+            head,
+            run.dataset.train,
+            run.dataset.validation,
+            block=block,
+            views=config.views,
+            augmentation=config.augmentation if config.views > 1 else None,
+            augmentation_seed=config.seed,
+            epochs=config.fine_tune_epochs,
+            batch_size=run.batch_size,
+            learning_rate=run.fine_tune_learning_rate,
+            seed=config.seed,
+            progress=run.progress,
+            verbose=1 if run.progress else 0,
+        )
+    run.histories["fine_tune"] = history
+    run.timings["fine_tuning_s"] = time.perf_counter() - clock
+    run.log(
+        f"Fine-tuning: {config.fine_tune_epochs} epoch(s) in {run.timings['fine_tuning_s']:.1f} s."
+    )
+    return model
+
+
 def _cache_hits(train_features, validation_features) -> list[bool]:
     return [f.from_cache for f in (train_features, validation_features) if f is not None]
 
@@ -470,7 +619,11 @@ def _fine_tune_with_checkpoints(run: _Run, model: keras.Model) -> keras.Model:
         run.log(f"Fine-tuning: resumed after epoch {first_epoch} of {config.fine_tune_epochs}.")
     else:
         with distribute.scope(run.strategy):
-            blocks = unfreeze(model, config.fine_tune_blocks, run.fine_tune_learning_rate)
+            blocks = unfreeze(
+                model,
+                config.fine_tune_from or config.fine_tune_blocks,
+                run.fine_tune_learning_rate,
+            )
         run.log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
     clock = time.perf_counter()
 
@@ -534,7 +687,7 @@ def _evaluate_run(run: _Run, model, base, head, validation_features) -> dict:
     return metrics
 
 
-def _run_record(run: _Run, train_features, validation_features) -> dict:
+def _run_record(run: _Run, cache_hits: list[bool]) -> dict:
     """What `metrics.json` records besides the metrics: data, settings, timings, versions."""
     dataset = run.dataset
     return {
@@ -553,7 +706,7 @@ def _run_record(run: _Run, train_features, validation_features) -> dict:
             "fine_tune_learning_rate": run.fine_tune_learning_rate,
         },
         "timings": {k: round(v, 3) for k, v in run.timings.items()},
-        "feature_cache": {"hits": _cache_hits(train_features, validation_features)},
+        "feature_cache": {"hits": cache_hits},
         "resumed": bool(run.state),
         "seed": run.config.seed,
         "versions": versions(),

@@ -19,7 +19,9 @@ from tlkit.data.source import DEMO_DATASET, FALLBACK_DATASET, resolve_data
 from tlkit.distribute import STRATEGIES, get_strategy
 from tlkit.evaluation import format_summary
 from tlkit.export import FORMATS, export_command
+from tlkit.heads import CLASS_WEIGHT_MODES
 from tlkit.inference import BACKENDS
+from tlkit.models import get_class_names, get_decision_threshold
 from tlkit.predict import load_classifier, predict_files
 from tlkit.preflight import doctor_command
 from tlkit.scratch import compare_with_scratch
@@ -138,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
         "--augmentation",
         default=TrainConfig.augmentation,
         help="augmentation preset (default: %(default)s)",
+    )
+    train.add_argument(
+        "--class-weight",
+        default=TrainConfig.class_weight,
+        choices=CLASS_WEIGHT_MODES,
+        help="auto: balanced class weights when the largest class has over 1.5x the images "
+        "of the smallest (default: %(default)s)",
     )
     train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     train.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -311,6 +320,7 @@ def _train(arguments) -> int:
         fine_tune_learning_rate=arguments.fine_tune_learning_rate,
         learning_rate=arguments.learning_rate,
         dropout_rate=arguments.dropout,
+        class_weight=arguments.class_weight,
         views=arguments.views,
         augmentation=arguments.augmentation,
         batch_size=arguments.batch_size,
@@ -377,6 +387,14 @@ def _predict(arguments) -> int:
             f"Received: top_k={arguments.top_k}"
         )
     model = load_classifier(arguments.model)
+    threshold = get_decision_threshold(model)
+    if threshold is not None:
+        names = get_class_names(model)
+        print(
+            f"Decision threshold {threshold:.3f}: {names[1]} when p({names[1]}) >= {threshold:.3f} "
+            "(chosen on validation); the first class printed is the prediction.",
+            file=sys.stderr,
+        )
     failed = 0
     for image in arguments.images:
         # One file at a time: a bad file is reported and the good ones still print.

@@ -65,8 +65,9 @@ def classification_metrics(
         `{"precision", "recall", "f1", "support"}`), `confusion_matrix` (list of
         lists, rows are true classes, columns predicted), for more than two
         classes `top_k` and `top_k_accuracy` (k = min(5, num_classes - 1)), and
-        for two classes `roc_auc` (class 1 is positive; `None` when only one
-        class occurs in `y_true`, where it is undefined).
+        for two classes `roc_auc` and `pr_auc` (average precision; class 1 is
+        positive; `None` when only one class occurs in `y_true`, where they
+        are undefined).
 
     Raises:
         ValueError: If shapes disagree with each other or with `class_names`,
@@ -131,12 +132,106 @@ def classification_metrics(
             sklearn_metrics.top_k_accuracy_score(labels, scores, k=top_k, labels=class_indices)
         )
     else:
+        both = len(np.unique(labels)) == 2
         result["roc_auc"] = (
-            float(sklearn_metrics.roc_auc_score(labels, scores[:, 1]))
-            if len(np.unique(labels)) == 2
-            else None
+            float(sklearn_metrics.roc_auc_score(labels, scores[:, 1])) if both else None
+        )
+        result["pr_auc"] = (
+            float(sklearn_metrics.average_precision_score(labels, scores[:, 1])) if both else None
         )
     return result
+
+
+# How `choose_threshold` picks a binary decision threshold, as recorded in metrics.json.
+THRESHOLD_RULE = "Youden's J on validation (max sensitivity + specificity - 1)"
+
+
+def choose_threshold(y_true: Any, positive_scores: Any) -> float:
+    """A binary decision threshold chosen by Youden's J statistic.
+
+    Picks the threshold that maximises sensitivity + specificity - 1
+    (equivalently balanced accuracy) on the given labels. The candidates are
+    0.5 and the midpoints between consecutive distinct scores, so a chosen
+    threshold sits in the gap between two classes' scores rather than on a
+    training example; ties go to the threshold closest to 0.5 (written by
+    hand: `sklearn.metrics.roc_curve` only returns thresholds at the
+    scores themselves). Call it on validation data, never on the test split.
+
+    Args:
+        y_true: True labels, 0 or 1, shape `(num_samples,)`.
+        positive_scores: Scores or probabilities of class 1, same shape.
+
+    Returns:
+        The threshold: predict class 1 when the score is at least this.
+        0.5 when `y_true` holds only one class (J is undefined).
+
+    Raises:
+        ValueError: If the shapes differ or a label is not 0 or 1.
+
+    Example:
+
+    >>> round(choose_threshold([0, 0, 1, 1], [0.1, 0.3, 0.35, 0.8]), 3)
+    0.325
+    """
+    labels = np.asarray(y_true).reshape(-1)
+    scores = np.asarray(positive_scores, dtype=float).reshape(-1)
+    if labels.shape != scores.shape:
+        raise ValueError(
+            "`y_true` and `positive_scores` must have the same length. "
+            f"Received: {labels.shape} and {scores.shape}"
+        )
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"`y_true` must hold 0 and 1. Received: {np.unique(labels)[:5]}")
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    distinct = np.unique(scores)
+    candidates = np.concatenate([[0.5], (distinct[:-1] + distinct[1:]) / 2])
+    positives = np.sort(scores[labels == 1])
+    negatives = np.sort(scores[labels == 0])
+    # Share of each class at or above each candidate threshold.
+    sensitivity = 1 - np.searchsorted(positives, candidates, side="left") / len(positives)
+    false_positive_rate = 1 - np.searchsorted(negatives, candidates, side="left") / len(negatives)
+    statistic = sensitivity - false_positive_rate
+    best = np.flatnonzero(np.isclose(statistic, statistic.max()))
+    return float(min(candidates[best], key=lambda value: (abs(value - 0.5), value)))
+
+
+def binary_metrics_at_threshold(
+    y_true: Any, positive_scores: Any, threshold: float
+) -> dict[str, float]:
+    """Accuracy, balanced accuracy, sensitivity and specificity at a threshold.
+
+    Args:
+        y_true: True labels, 0 or 1 (1 is the positive class).
+        positive_scores: Scores or probabilities of class 1.
+        threshold: Class 1 is predicted when the score is at least this.
+
+    Returns:
+        A dict with `threshold`, `accuracy`, `balanced_accuracy`,
+        `sensitivity` (recall of class 1) and `specificity` (recall of
+        class 0); a recall is None when its class does not occur.
+
+    Example:
+
+    >>> binary_metrics_at_threshold([0, 1, 1], [0.2, 0.4, 0.9], 0.3)["sensitivity"]
+    1.0
+    """
+    labels = np.asarray(y_true).reshape(-1).astype(int)
+    predictions = (np.asarray(positive_scores, dtype=float).reshape(-1) >= threshold).astype(int)
+    recalls = sklearn_metrics.recall_score(
+        labels, predictions, labels=[0, 1], average=None, zero_division=np.nan
+    )
+    present = [bool((labels == index).any()) for index in (0, 1)]
+    specificity = float(recalls[0]) if present[0] else None
+    sensitivity = float(recalls[1]) if present[1] else None
+    known = [value for value in (specificity, sensitivity) if value is not None]
+    return {
+        "threshold": float(threshold),
+        "accuracy": float(sklearn_metrics.accuracy_score(labels, predictions)),
+        "balanced_accuracy": float(np.mean(known)) if known else None,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+    }
 
 
 def images_per_second(
@@ -285,7 +380,18 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     if "top_k_accuracy" in metrics:
         lines.append(f"Top-{metrics['top_k']} accuracy: {metrics['top_k_accuracy']:.1%}")
     if metrics.get("roc_auc") is not None:
-        lines.append(f"ROC AUC: {metrics['roc_auc']:.3f}")
+        lines.append(
+            f"ROC AUC: {metrics['roc_auc']:.3f}"
+            + (f", PR AUC: {metrics['pr_auc']:.3f}" if metrics.get("pr_auc") is not None else "")
+        )
+    at = metrics.get("at_threshold")
+    if at:
+        described = ", ".join(
+            f"{key.replace('_', ' ')} {at[key]:.1%}"
+            for key in ("accuracy", "balanced_accuracy", "sensitivity", "specificity")
+            if at.get(key) is not None
+        )
+        lines.append(f"At the validation threshold {at['threshold']:.3f}: {described}")
     lines.append("Recall per class:")
     width = max(len(name) for name in metrics["per_class"])
     for name, values in metrics["per_class"].items():

@@ -97,6 +97,7 @@ def fine_tune_split(
     history: dict[str, list[float]] | None = None,
     on_epoch_end: Callable[[int, dict[str, list[float]]], None] | None = None,
     verbose: int | str = 0,
+    class_weight: dict[int, float] | str | None = None,
 ) -> dict[str, list[float]]:
     """Fits an unfrozen classifier on a split epoch by epoch, reproducibly and resumably.
 
@@ -121,10 +122,15 @@ def fine_tune_split(
         on_epoch_end: Called after each epoch with the epoch index and the
             history so far. Defaults to None.
         verbose: Keras verbosity. Defaults to 0.
+        class_weight: None, `"balanced"` or a dict `class index -> weight`,
+            as in `tlkit.heads.train_head`. Defaults to None.
 
     Returns:
         The Keras history dict of all epochs (the given `history` first).
     """
+    class_weight = resolve_class_weight(
+        class_weight, train_split.labels, int(model.output_shape[-1])
+    )
     validation_images = (
         validation_split.to_dataset(image_size, batch_size=batch_size * 2)
         if validation_split is not None
@@ -146,6 +152,7 @@ def fine_tune_split(
             epochs=epoch + 1,
             verbose=verbose,
             shuffle=False,  # The dataset shuffles itself.
+            class_weight=class_weight,
         )
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)

@@ -176,6 +176,48 @@ def fit_on_features(
     return history.history
 
 
+# What `choose_class_weight` accepts, and the imbalance from which "auto" turns weights on.
+CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
+IMBALANCE_RATIO = 1.5
+
+
+def class_imbalance(labels: np.ndarray, num_classes: int) -> float:
+    """The count of the largest class over that of the smallest (inf if one is empty)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return float(counts.max() / counts.min()) if counts.min() > 0 else float("inf")
+
+
+def choose_class_weight(
+    mode: str, labels: np.ndarray, num_classes: int
+) -> tuple[dict[int, float] | None, float]:
+    """Class weights for a run: `"balanced"` ones when asked or when classes are imbalanced.
+
+    Args:
+        mode: `"auto"` (balanced weights when the largest class has more than
+            `IMBALANCE_RATIO` (1.5) times the examples of the smallest),
+            `"balanced"` (always) or `"none"` (never).
+        labels: Integer training labels.
+        num_classes: Number of classes.
+
+    Returns:
+        `(weights, ratio)`: a dict `class index -> weight` or None, and the
+        largest/smallest class count ratio.
+
+    Raises:
+        ValueError: On another mode.
+    """
+    if mode not in CLASS_WEIGHT_MODES:
+        raise ValueError(
+            f"class_weight must be one of {list(CLASS_WEIGHT_MODES)}. "
+            f"Received: class_weight={mode!r}"
+        )
+    ratio = class_imbalance(labels, num_classes)
+    wanted = mode == "balanced" or (mode == "auto" and ratio > IMBALANCE_RATIO)
+    if not wanted or not np.isfinite(ratio):
+        return None, ratio
+    return resolve_class_weight("balanced", labels, num_classes), ratio
+
+
 def resolve_class_weight(
     class_weight: dict[int, float] | str | None, labels: np.ndarray, num_classes: int
 ) -> dict[int, float] | None:

@@ -36,13 +36,61 @@ class ClassNames(ModelMetadata):
 
     Args:
         class_names: The class names, in label order.
+        decision_threshold: For two classes: the probability of class 1 from
+            which class 1 is predicted (chosen on validation by
+            `tlkit.train_run`), or None for the arg-max. Defaults to None.
+        **kwargs: Passed to `keras.layers.Layer`.
     """
+
+    def __init__(self, class_names, decision_threshold: float | None = None, **kwargs):
+        super().__init__(class_names, **kwargs)
+        self.decision_threshold = None if decision_threshold is None else float(decision_threshold)
+
+    def get_config(self):
+        config = super().get_config()
+        if self.decision_threshold is not None:  # Files without one stay as before.
+            config["decision_threshold"] = self.decision_threshold
+        return config
 
 
 def get_class_names(model: keras.Model) -> list[str] | None:
     """The class names stored in a tlkit classifier or detector, or None if it has none."""
     metadata = find_metadata(model)
     return list(metadata.class_names) if metadata is not None else None
+
+
+def get_decision_threshold(model: keras.Model) -> float | None:
+    """The decision threshold stored in a two-class tlkit classifier, or None.
+
+    Returns:
+        The probability of class 1 from which class 1 is predicted, or None
+        when the model has none (predict the arg-max).
+    """
+    metadata = find_metadata(model)
+    return getattr(metadata, "decision_threshold", None)
+
+
+def set_decision_threshold(model: keras.Model, threshold: float | None) -> None:
+    """Stores a decision threshold in a two-class classifier (saved with the model).
+
+    Args:
+        model: A classifier built with `class_names` (it has a `ClassNames` layer).
+        threshold: The probability of class 1 from which class 1 is
+            predicted, in [0, 1], or None for the arg-max.
+
+    Raises:
+        ValueError: If the model has no `ClassNames` layer or not two classes,
+            or the threshold is outside [0, 1].
+    """
+    metadata = find_metadata(model)
+    if not isinstance(metadata, ClassNames) or len(metadata.class_names) != 2:
+        raise ValueError(
+            "A decision threshold needs a two-class classifier built with class_names. "
+            f"Received: model={model.name}"
+        )
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1]. Received: threshold={threshold!r}")
+    metadata.decision_threshold = None if threshold is None else float(threshold)
 
 
 def build_feature_extractor(

@@ -11,7 +11,7 @@ import numpy as np
 
 import tlkit.backbones  # noqa: F401  (registers ImagePreprocessing for loading)
 from tlkit.data import load_image
-from tlkit.models import get_class_names
+from tlkit.models import get_class_names, get_decision_threshold
 
 
 def load_classifier(path: str | os.PathLike) -> keras.Model:
@@ -79,6 +79,11 @@ def check_keras_archive(path: str | os.PathLike) -> None:
 def predict_files(model: keras.Model, paths, top_k: int = 3):
     """Top-k (class name, probability) for each image file.
 
+    The first entry is the predicted class: the most probable one, or, for a
+    two-class model with a decision threshold (chosen on validation by
+    `tlkit.train_run` and saved in the model), class 1 when its probability
+    is at least the threshold, else class 0.
+
     Args:
         model: A tlkit classifier (takes raw 0..255 RGB of any size).
         paths: Image file paths.
@@ -94,12 +99,13 @@ def predict_files(model: keras.Model, paths, top_k: int = 3):
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, e.g. 3. Received: top_k={top_k!r}")
     names = get_class_names(model)
+    threshold = get_decision_threshold(model)
     size = model.get_layer("resize").get_config()["height"] if _has_layer(model, "resize") else None
     results = []
     for path in paths:
         image = load_image(path, size)
         probabilities = np.asarray(model.predict_on_batch(image[None]))[0]
-        best = np.argsort(-probabilities)[:top_k]
+        best = _ranked(probabilities, threshold)[:top_k]
         labels = [names[i] if names else str(i) for i in best]
         results.append(
             (
@@ -108,6 +114,15 @@ def predict_files(model: keras.Model, paths, top_k: int = 3):
             )
         )
     return results
+
+
+def _ranked(probabilities: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Class indices, the predicted one first (by the threshold, if any), then by probability."""
+    ranked = np.argsort(-probabilities, kind="stable")
+    if threshold is not None and len(probabilities) == 2:
+        predicted = int(probabilities[1] >= threshold)
+        ranked = np.asarray([predicted, 1 - predicted])
+    return ranked
 
 
 def _has_layer(model, name):

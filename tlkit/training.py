@@ -28,10 +28,16 @@ from tlkit.augment import list_presets
 from tlkit.backbones import build_backbone, get_backbone
 from tlkit.features import FeatureSet, extract_features
 from tlkit.fine_tuning import fine_tune_cached, fine_tune_split, reseed_layers, split_at_block
-from tlkit.heads import build_head, train_head
+from tlkit.heads import CLASS_WEIGHT_MODES, build_head, choose_class_weight, train_head
 from tlkit.inference import BACKENDS, inference_function
 from tlkit.input_config import resolve_input_config
-from tlkit.models import block_names, build_classifier, build_feature_extractor, unfreeze
+from tlkit.models import (
+    block_names,
+    build_classifier,
+    build_feature_extractor,
+    set_decision_threshold,
+    unfreeze,
+)
 
 # What `TrainConfig.fine_tune_on` accepts: fine-tuning on images or on cached activations.
 FINE_TUNE_ON = ("images", "activations")
@@ -64,6 +70,9 @@ class TrainConfig:
         learning_rate: Head learning rate.
         fine_tune_learning_rate: Learning rate after unfreezing.
         dropout_rate: Dropout before the classifier.
+        class_weight: "auto" (balanced class weights when the largest
+            training class has more than 1.5x the images of the smallest),
+            "balanced" or "none"; used by the head and the fine-tuning.
         seed: Seed for splits, shuffling, augmentation and initialisation.
         backend: What runs the frozen base during feature extraction:
             "auto", "keras", "xla" or "litert" (see
@@ -89,6 +98,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
     dropout_rate: float = 0.2
+    class_weight: str = "auto"
     seed: int = 42
     backend: str = "auto"
     deterministic: bool = False
@@ -106,6 +116,11 @@ class TrainConfig:
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"backend must be one of {list(BACKENDS)}. Received: backend={self.backend!r}"
+            )
+        if self.class_weight not in CLASS_WEIGHT_MODES:
+            raise ValueError(
+                f"class_weight must be one of {list(CLASS_WEIGHT_MODES)}. "
+                f"Received: class_weight={self.class_weight!r}"
             )
         if self.fine_tune_on not in FINE_TUNE_ON:
             raise ValueError(
@@ -380,6 +395,8 @@ class _Run:
     batch_size: int
     learning_rate: float
     fine_tune_learning_rate: float
+    class_weight: dict[int, float] | None
+    class_imbalance: float
     backend: str
     fingerprints: dict[str, str]
     checkpoints: Path | None
@@ -426,6 +443,13 @@ def _start_run(dataset, config, out, resume, progress, log, strategy) -> _Run:
         config.batch_size, config.learning_rate, strategy
     )
     timings: dict[str, float] = dict(state["timings"]) if state else {}
+    class_weight, imbalance = choose_class_weight(
+        config.class_weight, dataset.train.labels, dataset.num_classes
+    )
+    log(
+        f"class weights: {'on' if class_weight else 'off'}, largest/smallest = {imbalance:.1f}"
+        + (f" (class_weight={config.class_weight})" if config.class_weight != "auto" else "")
+    )
     return _Run(
         dataset=dataset,
         config=config,
@@ -435,6 +459,8 @@ def _start_run(dataset, config, out, resume, progress, log, strategy) -> _Run:
         batch_size=batch_size,
         learning_rate=learning_rate,
         fine_tune_learning_rate=config.fine_tune_learning_rate * replicas,
+        class_weight=class_weight,
+        class_imbalance=imbalance,
         # LiteRT runs outside TensorFlow's devices, so a strategy keeps the Keras path.
         backend="keras" if strategy is not None and config.backend == "auto" else config.backend,
         fingerprints=fingerprints,
@@ -554,6 +580,7 @@ def _fine_tune_on_activations(run: _Run, base: keras.Model, head: keras.Model) -
             seed=config.seed,
             progress=run.progress,
             verbose=1 if run.progress else 0,
+            class_weight=run.class_weight,
         )
     run.histories["fine_tune"] = history
     run.timings["fine_tuning_s"] = time.perf_counter() - clock
@@ -594,6 +621,7 @@ def _train_run_head(run: _Run, train_features, validation_features) -> keras.Mod
                 batch_size=config.head_batch_size * run.replicas,
                 learning_rate=run.learning_rate,
                 seed=config.seed,
+                class_weight=run.class_weight,
             )
     run.timings["head_training_s"] = time.perf_counter() - clock
     run.log(
@@ -650,41 +678,68 @@ def _fine_tune_with_checkpoints(run: _Run, model: keras.Model) -> keras.Model:
         history=run.histories.get("fine_tune", {}),
         on_epoch_end=after_epoch,
         verbose=1 if run.progress else 0,
+        class_weight=run.class_weight,
     )
     return model
 
 
 def _evaluate_run(run: _Run, model, base, head, validation_features) -> dict:
-    """Step 4: metrics on the test split (else validation), from features or images."""
+    """Step 4: metrics on the test split (else validation), from features or images.
+
+    For two classes, a decision threshold is chosen on the validation split
+    (`evaluation.choose_threshold`, Youden's J), stored in the model
+    (`set_decision_threshold`, so `predict` uses it) and the test metrics at
+    that threshold are added under `at_threshold`.
+    """
     config = run.config
     dataset = run.dataset
     clock = time.perf_counter()
     evaluation_split = dataset.test if dataset.test is not None else dataset.validation
     metrics: dict = {}
     if evaluation_split is not None:
-        if config.fine_tune_epochs:
-            probabilities, labels = predict_split(
-                model, evaluation_split, run.image_size, run.batch_size * 2
-            )
-        else:
-            evaluation_features = (
-                validation_features
-                if evaluation_split is dataset.validation
-                else extract_features(
-                    base,
-                    evaluation_split,
-                    run.image_size,
-                    progress=run.progress,
-                    backend=run.backend,
-                )
-            )
-            probabilities = head.predict(evaluation_features.features, batch_size=1024, verbose=0)
-            labels = evaluation_features.labels
+        probabilities, labels = _split_probabilities(
+            run, model, base, head, evaluation_split, validation_features
+        )
         metrics = evaluation.classification_metrics(labels, probabilities, dataset.class_names)
         metrics["evaluated_on"] = evaluation_split.name
         metrics["evaluated_from"] = "images" if config.fine_tune_epochs else "cached features"
+        if dataset.num_classes == 2 and dataset.validation is not None:
+            if evaluation_split is dataset.validation:
+                validation_probabilities, validation_labels = probabilities, labels
+            else:
+                validation_probabilities, validation_labels = _split_probabilities(
+                    run, model, base, head, dataset.validation, validation_features
+                )
+            threshold = evaluation.choose_threshold(
+                validation_labels, validation_probabilities[:, 1]
+            )
+            set_decision_threshold(model, threshold)
+            metrics["at_threshold"] = {
+                **evaluation.binary_metrics_at_threshold(labels, probabilities[:, 1], threshold),
+                "rule": evaluation.THRESHOLD_RULE,
+                "positive_class": dataset.class_names[1],
+            }
+            run.log(
+                f"Decision threshold {threshold:.3f} on p({dataset.class_names[1]}), chosen on "
+                f"validation by {evaluation.THRESHOLD_RULE}; saved in the model."
+            )
     run.timings["evaluation_s"] = time.perf_counter() - clock
     return metrics
+
+
+def _split_probabilities(run: _Run, model, base, head, split, validation_features):
+    """Class probabilities and labels of a split: from cached features when the base is
+    unchanged (no fine-tuning), else end to end on images."""
+    if run.config.fine_tune_epochs:
+        return predict_split(model, split, run.image_size, run.batch_size * 2)
+    features = (
+        validation_features
+        if split is run.dataset.validation and validation_features is not None
+        else extract_features(
+            base, split, run.image_size, progress=run.progress, backend=run.backend
+        )
+    )
+    return head.predict(features.features, batch_size=1024, verbose=0), features.labels
 
 
 def _run_record(run: _Run, cache_hits: list[bool]) -> dict:
@@ -704,6 +759,14 @@ def _run_record(run: _Run, cache_hits: list[bool]) -> dict:
             "global_batch_size": run.batch_size,
             "learning_rate": run.learning_rate,
             "fine_tune_learning_rate": run.fine_tune_learning_rate,
+        },
+        "class_weight": {
+            "mode": run.config.class_weight,
+            "on": run.class_weight is not None,
+            "largest_over_smallest": (
+                run.class_imbalance if np.isfinite(run.class_imbalance) else None
+            ),
+            "weights": run.class_weight,
         },
         "timings": {k: round(v, 3) for k, v in run.timings.items()},
         "feature_cache": {"hits": cache_hits},

@@ -24,6 +24,7 @@ from tlkit.inference import BACKENDS
 from tlkit.models import get_class_names, get_decision_threshold
 from tlkit.predict import load_classifier, predict_files
 from tlkit.preflight import doctor_command
+from tlkit.recipe_search import DEFAULT_BUDGET_S, train_with_search
 from tlkit.scratch import compare_with_scratch
 from tlkit.training import FINE_TUNE_ON, TrainConfig, prepare_run_folder, train_run
 
@@ -70,83 +71,107 @@ def _parser() -> argparse.ArgumentParser:
         help="a class-per-folder image directory, or a dataset name (see `datasets`). "
         f"Default: {DEMO_DATASET} when available, else the embedded {FALLBACK_DATASET}.",
     )
-    train.add_argument(
-        "--backbone", default=TrainConfig.backbone, help="see `backbones` (default: %(default)s)"
+    recipe = train.add_argument_group(
+        "recipe",
+        "With none of these flags, train chooses the recipe on the validation split within "
+        "--budget (tlkit.recipe_search); with any of them it trains exactly that recipe, "
+        "TrainConfig's defaults for the rest (see --recipe).",
     )
-    train.add_argument(
+    recipe.add_argument(
+        "--recipe",
+        default="auto",
+        choices=RECIPE_MODES,
+        help="auto: search when no recipe flag is given, else the given recipe; search: "
+        "search, the given recipe flags fixing those choices; fast: no search, today's "
+        f"single fast path ({TrainConfig.backbone}, head only) (default: %(default)s)",
+    )
+    recipe.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="seconds for the search and the final run together (default: %(default)g, "
+        "suited to a 2-core CPU)",
+    )
+    recipe.add_argument(
+        "--backbone", default=None, help=f"see `backbones` (default: {TrainConfig.backbone})"
+    )
+    recipe.add_argument(
         "--image-size",
         type=int,
         default=None,
         help="input size in pixels (default: the backbone's)",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--epochs",
         type=int,
-        default=TrainConfig.epochs,
-        help="head epochs on cached features (default: %(default)s)",
+        default=None,
+        help=f"head epochs on cached features (default: {TrainConfig.epochs})",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--fine-tune-epochs",
         type=int,
-        default=TrainConfig.fine_tune_epochs,
-        help="epochs with the top blocks unfrozen (default: %(default)s)",
+        default=None,
+        help=f"epochs with the top blocks unfrozen (default: {TrainConfig.fine_tune_epochs})",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--fine-tune-blocks",
         type=int,
-        default=TrainConfig.fine_tune_blocks,
-        help="blocks to unfreeze (default: %(default)s)",
+        default=None,
+        help=f"blocks to unfreeze (default: {TrainConfig.fine_tune_blocks})",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--fine-tune-from",
-        default=TrainConfig.fine_tune_from,
+        default=None,
         metavar="BLOCK",
         help="first block to unfreeze, e.g. block3 (that block and all after it); "
         "overrides --fine-tune-blocks",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--fine-tune-on",
-        default=TrainConfig.fine_tune_on,
+        default=None,
         choices=FINE_TUNE_ON,
         help="images: the whole model on images, fresh augmentation every epoch; "
         "activations: the top blocks on cached lower-block activations (--views views per "
-        "image), several times faster on a CPU (default: %(default)s)",
+        f"image), several times faster on a CPU (default: {TrainConfig.fine_tune_on})",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--fine-tune-learning-rate",
         type=float,
-        default=TrainConfig.fine_tune_learning_rate,
-        help="Adam learning rate after unfreezing (default: %(default)g)",
+        default=None,
+        help="Adam learning rate after unfreezing "
+        f"(default: {TrainConfig.fine_tune_learning_rate:g})",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--learning-rate",
         type=float,
-        default=TrainConfig.learning_rate,
-        help="Adam learning rate of the head on cached features (default: %(default)g)",
+        default=None,
+        help="Adam learning rate of the head on cached features "
+        f"(default: {TrainConfig.learning_rate:g})",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--dropout",
         type=float,
-        default=TrainConfig.dropout_rate,
-        help="dropout before the classifier (default: %(default)s)",
+        default=None,
+        help=f"dropout before the classifier (default: {TrainConfig.dropout_rate})",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--views",
         type=int,
-        default=TrainConfig.views,
-        help="feature views per training image, extra ones augmented (default: %(default)s)",
+        default=None,
+        help="feature views per training image, extra ones augmented "
+        f"(default: {TrainConfig.views})",
     )
-    train.add_argument(
+    recipe.add_argument(
         "--augmentation",
-        default=TrainConfig.augmentation,
-        help="augmentation preset (default: %(default)s)",
+        default=None,
+        help=f"augmentation preset (default: {TrainConfig.augmentation})",
     )
     train.add_argument(
         "--class-weight",
         default=TrainConfig.class_weight,
         choices=CLASS_WEIGHT_MODES,
         help="auto: balanced class weights when the largest class has over 1.5x the images "
-        "of the smallest (default: %(default)s)",
+        "of the smallest; also in every candidate of the search (default: %(default)s)",
     )
     train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     train.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -308,21 +333,34 @@ def validate_evaluation_splits(dataset, validation_split: float) -> None:
         )
 
 
+# `train` flags that set a recipe field (`tlkit.recipe_search.RECIPE_FIELDS`): dest -> field.
+RECIPE_FLAGS = {
+    "backbone": "backbone",
+    "image_size": "image_size",
+    "epochs": "epochs",
+    "fine_tune_epochs": "fine_tune_epochs",
+    "fine_tune_blocks": "fine_tune_blocks",
+    "fine_tune_from": "fine_tune_from",
+    "fine_tune_on": "fine_tune_on",
+    "fine_tune_learning_rate": "fine_tune_learning_rate",
+    "learning_rate": "learning_rate",
+    "dropout": "dropout_rate",
+    "views": "views",
+    "augmentation": "augmentation",
+}
+RECIPE_MODES = ("auto", "search", "fast")
+
+
 def _train(arguments) -> int:
+    given = {
+        field: getattr(arguments, dest)
+        for dest, field in RECIPE_FLAGS.items()
+        if getattr(arguments, dest) is not None
+    }
+    search = arguments.recipe == "search" or (arguments.recipe == "auto" and not given)
     config = TrainConfig(
-        backbone=arguments.backbone,
-        image_size=arguments.image_size,
-        epochs=arguments.epochs,
-        fine_tune_epochs=arguments.fine_tune_epochs,
-        fine_tune_blocks=arguments.fine_tune_blocks,
-        fine_tune_from=arguments.fine_tune_from,
-        fine_tune_on=arguments.fine_tune_on,
-        fine_tune_learning_rate=arguments.fine_tune_learning_rate,
-        learning_rate=arguments.learning_rate,
-        dropout_rate=arguments.dropout,
+        **given,
         class_weight=arguments.class_weight,
-        views=arguments.views,
-        augmentation=arguments.augmentation,
         batch_size=arguments.batch_size,
         seed=arguments.seed,
         backend=arguments.backend,
@@ -332,7 +370,7 @@ def _train(arguments) -> int:
         out = Path(arguments.out)
     else:
         name = Path(arguments.data).name if arguments.data else "demo"
-        out = Path("runs") / f"{name}-{arguments.backbone}"
+        out = Path("runs") / f"{name}-{'search' if search else config.backbone}"
     if arguments.resume and not arguments.out:
         raise ValueError("--resume needs the --out folder of the run to continue.")
     validate_train_arguments(arguments)
@@ -350,15 +388,33 @@ def _train(arguments) -> int:
         raise
     if dataset.report.skipped:
         print(dataset.report)
-    result = train_run(
-        dataset,
-        config,
-        out=out,
-        overwrite=True,
-        resume=arguments.resume,
-        progress=not arguments.no_progress,
-        strategy=strategy,
-    )
+    if search and dataset.validation is None:
+        print("No validation split to choose a recipe on: training the fast recipe instead.")
+        search = False
+    if search:
+        if not arguments.budget > 0:
+            raise ValueError(f"--budget must be positive seconds. Received: {arguments.budget!r}")
+        result = train_with_search(
+            dataset,
+            arguments.budget,
+            base=config,
+            fixed={**given, "class_weight": arguments.class_weight},
+            out=out,
+            overwrite=True,
+            resume=arguments.resume,
+            progress=not arguments.no_progress,
+            strategy=strategy,
+        )
+    else:
+        result = train_run(
+            dataset,
+            config,
+            out=out,
+            overwrite=True,
+            resume=arguments.resume,
+            progress=not arguments.no_progress,
+            strategy=strategy,
+        )
     print(format_summary(result.metrics))
     if arguments.compare_scratch:
         # The transfer run's own time, but at least 2 minutes: with a warm feature cache

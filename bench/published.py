@@ -40,18 +40,31 @@
   `fine_tuned` row fine-tunes from the middle of the network on cached
   activations with the `signs` preset (no flips), the recipe of notebook 11.
 
-Every run is `tlkit.train_run` (features cached once, head trained on them,
-evaluation on the test split), each in its own process, for every seed given
-with --seeds.
+- `cli_defaults`: what `python -m tlkit train DATA` does with no flags: the
+  recipe search on the validation split within the default budget
+  (`tlkit.recipe_search.train_with_search`, `DEFAULT_BUDGET_S` seconds for the
+  search and the final run together), then the chosen recipe evaluated on the
+  test split, on pneumoniamnist, tf_flowers, gtsrb and cats_and_dogs_filtered
+  (issue 14's goals in `GOALS`). Beside it `baseline`: the plainest recipe, a
+  frozen MobileNetV2 at 224 px and a Dense head trained 30 epochs on its
+  features, no class weights, no augmentation; the default must beat it on
+  every set and seed.
 
-    python bench/published.py                  # full, seeds 42 43 44: ~25 minutes on 2 quiet cores
-                                               # before the gtsrb rows (not yet timed)
+Every run is `tlkit.train_run` (features cached once, head trained on them,
+evaluation on the test split), each in its own process with a fresh feature
+cache, for every seed given with --seeds.
+
+    python bench/published.py                  # all rows, seeds 42 43 44: hours on 2 quiet cores
+    python bench/published.py --rows cli_defaults baseline   # the CLI-default rows and the
+                                               # baseline only (4 sets x 3 seeds x ~10 + ~2 min)
     python bench/published.py --seeds 42       # one training seed
-    python bench/published.py --quick          # ~1 minute (tiny subsets)
+    python bench/published.py --quick          # a few minutes (tiny subsets; cli_defaults and
+                                               # baseline on pneumoniamnist only, 60 s budget)
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -116,6 +129,22 @@ FINE_TUNED_GTSRB = {
     "class_weight": None,
 }
 FINE_TUNED_RECIPES = (FINE_TUNED, FINE_TUNED_GTSRB)
+# Issue 14's goals for the default command (test split), and the sets it is measured on.
+GOALS = {
+    "pneumoniamnist": {"accuracy": 0.93, "roc_auc": 0.98},
+    "tf_flowers": {"accuracy": 0.94},
+    "gtsrb": {"accuracy": 0.95},
+    "cats_and_dogs_filtered": {"accuracy": 0.993},
+}
+# The plain contender: frozen MobileNetV2 224 + Dense head, 30 epochs, nothing else.
+BASELINE = {
+    "backbone": "mobilenet_v2",
+    "image_size": 224,
+    "epochs": 30,
+    "class_weight": "none",
+    "views": 1,
+}
+ROWS = ("published", "fine_tuned", "cli_defaults", "baseline")
 
 
 def run(params: dict, args) -> dict:
@@ -216,7 +245,40 @@ def fine_tuned(params: dict, args) -> dict:
     }
 
 
-CONTENDERS = {"run": run, "fine_tuned": fine_tuned}
+def cli_defaults(params: dict, args) -> dict:
+    """The default command: the recipe search within the default budget, then the winner."""
+    from tlkit.recipe_search import DEFAULT_BUDGET_S, train_with_search
+    from tlkit.training import TrainConfig
+
+    dataset = _common.load_dataset(params["dataset"], args.quick, per_class=6, seed=42)
+    budget = 60.0 if args.quick else DEFAULT_BUDGET_S
+    started = time.perf_counter()
+    result = train_with_search(
+        dataset,
+        budget,
+        base=TrainConfig(seed=params["seed"]),
+        progress=False,
+        log=lambda line: print(line, flush=True),
+    )
+    metrics = result.metrics
+    return {
+        "accuracy": float(metrics["accuracy"]),
+        "roc_auc": metrics.get("roc_auc"),
+        "pr_auc": metrics.get("pr_auc"),
+        "balanced_accuracy": metrics.get("balanced_accuracy"),
+        "at_threshold": metrics.get("at_threshold"),
+        "evaluated_on": metrics["evaluated_on"],
+        "config": metrics["config"],
+        "recipe_search": metrics["recipe_search"],
+        "timings": metrics["timings"],
+        "total_wall_s": round(time.perf_counter() - started, 2),
+        "budget_s": budget,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "dataset": _common.dataset_facts(dataset),
+    }
+
+
+CONTENDERS = {"run": run, "fine_tuned": fine_tuned, "cli_defaults": cli_defaults}
 
 
 def _settings(dataset: str, backbone: str, contender: str) -> str:
@@ -234,6 +296,13 @@ def _settings(dataset: str, backbone: str, contender: str) -> str:
 def main(argv=None) -> int:
     def extra(parser):
         parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+        parser.add_argument(
+            "--rows",
+            nargs="+",
+            choices=ROWS,
+            default=list(ROWS),
+            help="which rows to run (default: all)",
+        )
 
     args = _common.parse_args(__doc__.splitlines()[0], argv, extra)
     _common.setup_environment()
@@ -243,7 +312,7 @@ def main(argv=None) -> int:
     _common.ensure_weights(["mobilenet_v2", "efficientnet_lite0"])
     seeds = args.seeds[:1] if args.quick else args.seeds
     rows = []
-    for dataset, backbone in PUBLISHED:
+    for dataset, backbone in PUBLISHED if "published" in args.rows else ():
         for seed in seeds:
             params = {
                 "dataset": dataset,
@@ -252,14 +321,26 @@ def main(argv=None) -> int:
                 "config": CONFIGS.get((dataset, backbone), {}),
             }
             rows.append(_common.run_contender(SCRIPT, "run", params, args.quick))
-    for recipe in FINE_TUNED_RECIPES:
+    for recipe in FINE_TUNED_RECIPES if "fine_tuned" in args.rows else ():
         for seed in seeds:
             rows.append(
                 _common.run_contender(SCRIPT, "fine_tuned", {**recipe, "seed": seed}, args.quick)
             )
+    default_sets = ["pneumoniamnist"] if args.quick else list(GOALS)
+    for dataset in default_sets:
+        for seed in seeds:
+            if "cli_defaults" in args.rows:
+                params = {"dataset": dataset, "seed": seed}
+                rows.append(_common.run_contender(SCRIPT, "cli_defaults", params, args.quick))
+            if "baseline" in args.rows:
+                params = {"dataset": dataset, "backbone": "mobilenet_v2", "seed": seed}
+                params["config"] = {k: v for k, v in BASELINE.items() if k != "backbone"}
+                rows.append(_common.run_contender(SCRIPT, "run", params, args.quick))
     table_rows, summary = [], []
-    groups = [(key, "run") for key in PUBLISHED] + [
-        ((recipe["dataset"], recipe["backbone"]), "fine_tuned") for recipe in FINE_TUNED_RECIPES
+    groups = [(key, "run") for key in PUBLISHED if "published" in args.rows] + [
+        ((recipe["dataset"], recipe["backbone"]), "fine_tuned")
+        for recipe in FINE_TUNED_RECIPES
+        if "fine_tuned" in args.rows
     ]
     for (dataset, backbone), contender in groups:
         reference = PUBLISHED[(dataset, backbone)]
@@ -269,6 +350,7 @@ def main(argv=None) -> int:
             if r["params"]["dataset"] == dataset
             and r["contender"] == contender
             and r["params"]["backbone"] == backbone
+            and r["params"].get("config") != _baseline_config()
             and "error" not in r
         ]
         if not group:
@@ -334,9 +416,114 @@ def main(argv=None) -> int:
         "split, except the fine-tuning epochs of the PneumoniaMNIST recipe (the docstring "
         "of `bench/published.py` says how each was found)."
     )
+    if not table_rows:
+        table = ""
+    defaults_table, defaults_summary = _defaults_table(rows, default_sets)
+    summary.extend(defaults_summary)
+    if defaults_table:
+        table += (
+            "\n\nCLI defaults (`python -m tlkit train DATA`, no flags) and the plain baseline:\n\n"
+        )
+        table += defaults_table
     _common.write_results("published", args, {"summary": summary, "runs": rows}, table, notes)
     print(table + "\n" + notes)
     return 0
+
+
+def _baseline_config() -> dict:
+    return {k: v for k, v in BASELINE.items() if k != "backbone"}
+
+
+def _defaults_table(rows: list[dict], datasets: list[str]) -> tuple[str, list[dict]]:
+    """The `cli_defaults` and `baseline` rows: per seed, against the goals and each other."""
+    table_rows, summary = [], []
+    for dataset in datasets:
+        defaults = [
+            r
+            for r in rows
+            if r["contender"] == "cli_defaults"
+            and r["params"]["dataset"] == dataset
+            and "error" not in r
+        ]
+        baseline = [
+            r
+            for r in rows
+            if r["contender"] == "run"
+            and r["params"]["dataset"] == dataset
+            and r["params"].get("config") == _baseline_config()
+            and "error" not in r
+        ]
+        baseline_by_seed = {r["params"]["seed"]: r for r in baseline}
+        goal = GOALS[dataset]
+        for name, group in (("cli_defaults", defaults), ("baseline", baseline)):
+            if not group:
+                continue
+            accuracies = [r["accuracy"] for r in group]
+            aucs = [r["roc_auc"] for r in group if r.get("roc_auc") is not None]
+            entry = {
+                "dataset": dataset,
+                "recipe": name,
+                "seeds": [r["params"]["seed"] for r in group],
+                "test_accuracies": accuracies,
+                "roc_aucs": aucs or None,
+                "goal": goal,
+                "meets_goal_every_seed": all(a >= goal["accuracy"] for a in accuracies)
+                and all(a >= goal.get("roc_auc", 0) for a in aucs),
+            }
+            if name == "cli_defaults":
+                entry["chosen"] = [r["recipe_search"]["chosen"] for r in group]
+                entry["beats_baseline_every_seed"] = bool(baseline_by_seed) and all(
+                    r["params"]["seed"] in baseline_by_seed
+                    and r["accuracy"] > baseline_by_seed[r["params"]["seed"]]["accuracy"]
+                    for r in group
+                )
+            summary.append(entry)
+            table_rows.append(
+                {
+                    "dataset": dataset,
+                    "recipe": name,
+                    "chosen": "; ".join(_short_recipe(r["recipe_search"]["chosen"]) for r in group)
+                    if name == "cli_defaults"
+                    else "mobilenet_v2 @224, head 30 epochs",
+                    "seeds": ", ".join(str(s) for s in entry["seeds"]),
+                    "accuracy": " / ".join(f"{a:.3f}" for a in accuracies),
+                    "auc": " / ".join(f"{a:.3f}" for a in aucs) if aucs else "",
+                    "goal": f"{goal['accuracy']:.3f}"
+                    + (f" / AUC {goal['roc_auc']:.3f}" if "roc_auc" in goal else ""),
+                    "meets": entry["meets_goal_every_seed"],
+                    "beats": entry.get("beats_baseline_every_seed", ""),
+                    "seconds": statistics.median(r["total_wall_s"] for r in group),
+                }
+            )
+    if not table_rows:
+        return "", summary
+    table = _common.markdown_table(
+        table_rows,
+        [
+            ("dataset", "dataset"),
+            ("recipe", "contender"),
+            ("chosen", "recipe (chosen on validation, per seed)"),
+            ("seeds", "seeds"),
+            ("accuracy", "test accuracy per seed"),
+            ("auc", "test ROC AUC per seed"),
+            ("goal", "goal (issue 14)"),
+            ("meets", "meets goal, every seed"),
+            ("beats", "beats baseline, every seed"),
+            ("seconds", "median wall s"),
+        ],
+    )
+    return table, summary
+
+
+def _short_recipe(recipe: dict) -> str:
+    text = f"{recipe['backbone']} @{recipe['image_size'] or 'own'}"
+    if recipe.get("fine_tune_epochs"):
+        text += f" ft {recipe.get('fine_tune_from')} x{recipe['fine_tune_epochs']}"
+    else:
+        text += " head"
+    if recipe.get("views", 1) > 1:
+        text += f" {recipe['views']}v {recipe.get('augmentation')}"
+    return text
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def classification_metrics(
 
 
 # How `choose_threshold` picks a binary decision threshold, as recorded in metrics.json.
-THRESHOLD_RULE = "Youden's J on validation (max sensitivity + specificity - 1)"
+THRESHOLD_RULE = "Youden's J on the validation split (max sensitivity + specificity - 1)"
 
 
 def choose_threshold(y_true: Any, positive_scores: Any) -> float:

@@ -720,8 +720,8 @@ def _evaluate_run(run: _Run, model, base, head, validation_features) -> dict:
                 "positive_class": dataset.class_names[1],
             }
             run.log(
-                f"Decision threshold {threshold:.3f} on p({dataset.class_names[1]}), chosen on "
-                f"validation by {evaluation.THRESHOLD_RULE}; saved in the model."
+                f"Decision threshold {threshold:.3f} on p({dataset.class_names[1]}), chosen by "
+                f"{evaluation.THRESHOLD_RULE}; saved in the model."
             )
     run.timings["evaluation_s"] = time.perf_counter() - clock
     return metrics

@@ -97,6 +97,7 @@ class Candidate:
     score: float | None = None
     seconds: float | None = None
     status: str = "pending"
+    timings: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """The candidate as a metrics.json row."""
@@ -280,18 +281,22 @@ class _Clock:
         seconds = self.overhead_s + self.extraction_s(config, size) + self.head_s
         if _on_activations(config):
             rows = self.train * config.views + self.validation
-            # Unmeasured: a backward pass costs about twice a forward one, so three
-            # forward passes of the whole base per row and epoch bounds it from above.
+            # Unmeasured: a backward pass costs about twice a forward one, so three forward
+            # passes of the blocks above the cut (their share of the blocks) per row and epoch.
+            block = config.first_fine_tuned_block()
             per_pixel = self.fine_tune_per_pixel.get(
-                (config.backbone, config.first_fine_tuned_block()),
-                3 * (self.extract_per_pixel or 4e-8),
+                (config.backbone, block),
+                3 * (self.extract_per_pixel or 4e-8) * upper_fraction(config.backbone, size, block),
             )
             seconds += config.fine_tune_epochs * rows * size * size * per_pixel
         return seconds
 
-    def final_s(self, config: TrainConfig, size: int, measured: float | None) -> float:
-        """The final run: the candidate again (cached extraction) plus the test split."""
-        again = (measured or self.estimate_s(config, size)) - self.extraction_s(config, size)
+    def final_s(self, config: TrainConfig, size: int, candidate: Candidate | None = None) -> float:
+        """The final run: the candidate again (extraction from the cache) plus the test split."""
+        if candidate is not None and candidate.seconds is not None:
+            again = candidate.seconds - candidate.timings.get("feature_extraction_s", 0.0)
+        else:
+            again = self.estimate_s(config, size) - self.extraction_s(config, size)
         return max(again, 1.0) + self.test * size * size * (self.extract_per_pixel or 4e-8)
 
     def learn(self, config: TrainConfig, size: int, metrics: dict, seconds: float) -> None:
@@ -410,9 +415,9 @@ def search_recipe(
         candidate = Candidate(name, stage, config, clock.estimate_s(config, size))
         tried.append(candidate)
         leader = best()
-        final = clock.final_s(config, size, None)
+        final = clock.final_s(config, size)
         if leader is not None:
-            final = max(final, clock.final_s(leader.config, size_of(leader.config), leader.seconds))
+            final = max(final, clock.final_s(leader.config, size_of(leader.config), leader))
         if tried[0] is not candidate and candidate.estimate_s + final > remaining():
             candidate.status = "skipped: over budget"
             log(f"  {name}: skipped, estimated {candidate.estimate_s:.0f} s does not fit.")
@@ -421,6 +426,7 @@ def search_recipe(
         result = train_run(validation_only, config, progress=progress, log=lambda line: None)
         candidate.seconds = time.perf_counter() - clock_start
         candidate.score = _score(result.metrics, metric)
+        candidate.timings = dict(result.metrics["timings"])
         candidate.status = "done"
         clock.learn(config, size, result.metrics, candidate.seconds)
         log(
@@ -544,6 +550,12 @@ def _activation_shapes(backbone: str, size: int) -> dict[str, tuple[int, ...]]:
         lower, _ = split_at_block(base, block)
         shapes[block] = tuple(int(d) for d in lower.output_shape[1:])
     return shapes
+
+
+def upper_fraction(backbone: str, size: int, block: str) -> float:
+    """The share of a backbone's blocks from `block` on: a rough share of its compute."""
+    names = list(_activation_shapes(backbone, size))
+    return (len(names) - names.index(block)) / len(names)
 
 
 def _fine_tune_blocks(backbone: str, size: int, rows: int) -> list[tuple[str, str]]:

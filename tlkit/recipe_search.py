@@ -20,7 +20,8 @@ head on the same backbone and size costs seconds):
 4. `fine-tune`: the top blocks fine-tuned on cached activations
    (`fine_tune_on="activations"`), from the last blocks (`block15`-like) and,
    for small inputs, from the middle (`block3`), on the two best backbone /
-   size pairs; a rung schedule of successive halving (Jamieson & Talwalkar
+   size pairs, with 3 views of the better `views` preset (`medical` when that
+   stage did not fit the budget); a rung schedule of successive halving (Jamieson & Talwalkar
    2016): every fine-tune candidate runs a few epochs, the best third (at
    least one) runs again from the start with 3x the epochs.
 

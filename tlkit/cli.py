@@ -4,6 +4,12 @@ All argparse wiring lives here; defaults and choices are read from where they
 are defined (`TrainConfig`, the backend, strategy and export-format lists), so
 the command line cannot drift from the library. Importing `tlkit` first sets
 TF_CPP_MIN_LOG_LEVEL=2 unless it is set.
+
+`train` with no recipe flag (`RECIPE_FLAGS`) chooses its recipe on the
+validation split within `--budget` (`tlkit.recipe_search.train_with_search`);
+any recipe flag trains exactly that recipe (`--recipe search` searches anyway,
+those flags fixed; `--recipe fast` never searches). `--resume` of a searched
+run continues its final run with the recipe recorded in `recipe_search.json`.
 """
 
 from __future__ import annotations

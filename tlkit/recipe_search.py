@@ -20,9 +20,10 @@ head on the same backbone and size costs seconds):
 4. `fine-tune`: the top blocks fine-tuned on cached activations
    (`fine_tune_on="activations"`), from the last blocks (`block15`-like) and,
    for small inputs, from the middle (`block3`), on the two best backbone /
-   size pairs, with 3 views of the better `views` preset (`medical` when that
-   stage did not fit the budget); a rung schedule of successive halving (Jamieson & Talwalkar
-   2016): every fine-tune candidate runs a few epochs, the best third (at
+   size pairs and the best pair at 160 px or less, with 3 views of the better
+   `views` preset (`medical` when that stage did not fit the budget); a rung
+   schedule of successive halving (Jamieson & Talwalkar 2016): every
+   fine-tune candidate runs a few epochs, the best third (at
    least one) runs again from the start with 3x the epochs.
 
 Class weights follow `TrainConfig.class_weight` ("auto": on when the largest
@@ -473,8 +474,14 @@ def search_recipe(
         pair = (candidate.config.backbone, size_of(candidate.config))
         if pair not in pairs:
             pairs.append(pair)
+    chosen_pairs = pairs[:2]
+    # Low-resolution data: the best small input too, where fine-tuning from the middle is
+    # affordable (frozen features of small inputs score low, fine-tuned ones need not).
+    small = [pair for pair in pairs if pair[1] <= 160]
+    if small and small[0] not in chosen_pairs:
+        chosen_pairs.append(small[0])
     fine_tune: list[tuple[str, dict]] = []
-    for backbone, size in pairs[:2]:
+    for backbone, size in chosen_pairs:
         for depth, block in _fine_tune_blocks(backbone, size, len(dataset.train) * 3):
             fine_tune.append(
                 (

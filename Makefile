@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/python -m tlkit train --epochs 10 --fine-tune-epochs 1 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(BIN)/ruff check tlkit tests
+	$(BIN)/ruff check tlkit tests notebooks
 	$(BIN)/ruff format --check tlkit tests
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check tlkit tests
+	$(BIN)/ruff check tlkit tests notebooks
 	$(BIN)/ruff format --check tlkit tests
 	$(BIN)/lint-imports
 

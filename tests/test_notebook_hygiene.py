@@ -1,5 +1,10 @@
 """Notebook code cells that repeat themselves or validate on the test split fail here.
 
+Exercise solutions are checked here too: each is a "### Solution ..." markdown heading after the
+notebook's "## Exercises" section, followed by a collapsed code cell (cell metadata
+`"jupyter": {"source_hidden": true}`) that nbval runs in CI like any other cell (no skip tag) and
+that asserts what it measured.
+
 Two mistakes that once shipped: a code cell pasted twice (notebook 10's plot cell was a copy of
 its run cell, so the experiment ran twice and no figure appeared), and the test split passed as
 validation data (notebooks 08 and 10). Both checks parse the code cells with `ast`; the second
@@ -20,6 +25,8 @@ import pytest
 
 from tlkit import detect, fine_tuning, heads, semi
 
+# Notebooks whose Exercises have at least one collapsed, executed solution (issue #12).
+SOLVED = {"01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "13"}
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 # tlkit functions that take validation data, by the name a notebook calls them with.
@@ -102,6 +109,62 @@ def validation_on_test(notebook: dict) -> list[str]:
     return offences
 
 
+SOLUTION_HEADING = re.compile(r"^#{2,4} Solution\b")
+# nbval and nbconvert tags that would keep a cell from running (or from failing) in CI.
+_SKIP_TAGS = {"nbval-skip", "skip-execution", "raises-exception", "nbval-ignore-output"}
+
+
+def _is_hidden(cell: dict) -> bool:
+    return bool(cell.get("metadata", {}).get("jupyter", {}).get("source_hidden", False))
+
+
+def _is_solution_heading(cell: dict) -> bool:
+    return cell["cell_type"] == "markdown" and bool(SOLUTION_HEADING.match("".join(cell["source"])))
+
+
+def _asserts(source: str) -> bool:
+    """True if the code has an `assert` statement or calls an `assert_*` function."""
+    for node in ast.walk(ast.parse(re.sub(r"(?m)^(\s*)[%!].*$", r"\1pass", source))):
+        if isinstance(node, ast.Assert):
+            return True
+        if isinstance(node, ast.Call) and _callee_name(node).startswith("assert_"):
+            return True
+    return False
+
+
+def solution_problems(notebook: dict) -> tuple[list[str], int]:
+    """What is wrong with a notebook's exercise solutions, and how many it has."""
+    problems, solutions, exercises_seen = [], 0, False
+    cells = notebook["cells"]
+    for index, cell in enumerate(cells):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown" and "## Exercises" in source:
+            exercises_seen = True
+        if _is_solution_heading(cell):
+            following = cells[index + 1] if index + 1 < len(cells) else None
+            if not exercises_seen:
+                problems.append(f"cell {index}: a solution before the '## Exercises' section")
+            if following is None or following["cell_type"] != "code" or not _is_hidden(following):
+                problems.append(
+                    f"cell {index}: a solution heading must be followed by a collapsed code cell "
+                    '(metadata "jupyter": {"source_hidden": true})'
+                )
+        if cell["cell_type"] == "code" and _is_hidden(cell):
+            solutions += 1
+            if index == 0 or not _is_solution_heading(cells[index - 1]):
+                problems.append(
+                    f"cell {index}: a collapsed code cell without a '### Solution' heading"
+                )
+            tags = set(cell.get("metadata", {}).get("tags", []))
+            if tags & _SKIP_TAGS:
+                problems.append(
+                    f"cell {index}: a solution must run in CI; remove {sorted(tags & _SKIP_TAGS)}"
+                )
+            if not _asserts(source):
+                problems.append(f"cell {index}: a solution must assert what it measured")
+    return problems, solutions
+
+
 def _notebook(*sources: str) -> dict:
     return {"cells": [{"cell_type": "code", "source": [s]} for s in sources]}
 
@@ -151,3 +214,82 @@ def test_the_validation_check_catches_a_test_split(source):
 )
 def test_the_validation_check_passes_validation_data(source):
     assert validation_on_test(_notebook(source)) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_solutions_are_collapsed_run_in_ci_and_assert(path):
+    problems, _ = solution_problems(json.loads(path.read_text()))
+    assert problems == [], f"{path.name}: {problems}"
+
+
+@pytest.mark.parametrize(
+    "path", [path for path in NOTEBOOKS if path.stem[:2] in SOLVED], ids=lambda path: path.stem
+)
+def test_notebooks_have_exercise_solutions(path):
+    _, solutions = solution_problems(json.loads(path.read_text()))
+    assert solutions >= 1, f"{path.name} has Exercises but no collapsed, executed solution"
+
+
+def _cells(*cells: tuple[str, str, bool]) -> dict:
+    return {
+        "cells": [
+            {
+                "cell_type": kind,
+                "source": [source],
+                "metadata": {"jupyter": {"source_hidden": True}} if hidden else {},
+            }
+            for kind, source, hidden in cells
+        ]
+    }
+
+
+def test_the_solution_check_accepts_a_collapsed_asserting_solution():
+    notebook = _cells(
+        ("markdown", "## Exercises\n1. Try it.", False),
+        ("markdown", "### Solution to exercise 1", False),
+        ("code", "gain = a - b\nassert gain > 0, gain", True),
+        ("markdown", "### Solution to exercise 2", False),
+        ("code", "np.testing.assert_allclose(a, b)", True),
+    )
+    assert solution_problems(notebook) == ([], 2)
+
+
+@pytest.mark.parametrize(
+    "cells",
+    [
+        # The solution's code is visible, not collapsed.
+        [
+            ("markdown", "## Exercises", False),
+            ("markdown", "### Solution", False),
+            ("code", "assert a > b", False),
+        ],
+        # A collapsed cell without a heading.
+        [("markdown", "## Exercises", False), ("code", "assert a > b", True)],
+        # A solution that asserts nothing.
+        [
+            ("markdown", "## Exercises", False),
+            ("markdown", "### Solution", False),
+            ("code", "print(a - b)", True),
+        ],
+        # A solution before the exercises.
+        [
+            ("markdown", "### Solution", False),
+            ("code", "assert a > b", True),
+            ("markdown", "## Exercises", False),
+        ],
+    ],
+)
+def test_the_solution_check_catches_a_bad_solution(cells):
+    problems, _ = solution_problems(_cells(*cells))
+    assert len(problems) == 1, problems
+
+
+def test_the_solution_check_catches_a_skipped_solution():
+    notebook = _cells(
+        ("markdown", "## Exercises", False),
+        ("markdown", "### Solution", False),
+        ("code", "assert a > b", True),
+    )
+    notebook["cells"][2]["metadata"]["tags"] = ["nbval-skip"]
+    problems, _ = solution_problems(notebook)
+    assert len(problems) == 1 and "nbval-skip" in problems[0], problems

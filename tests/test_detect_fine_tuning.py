@@ -217,3 +217,17 @@ def test_coco_metrics_agree_with_mean_average_precision_at_one_half():
     assert 0.0 < coco["mAP@0.5"] < 1.0
     assert coco["mAP@0.5"] == pytest.approx(reference["mAP"], abs=1e-9)
     assert coco["mAP@[.5:.95]"] < coco["mAP@0.5"]
+
+
+def test_first_views_keeps_the_plain_images(tmp_path):
+    detector = detect.build_detector(
+        "mobilenet_v2", num_classes=2, image_size=(64, 96), weights=None
+    )
+    examples = _square_examples(tmp_path)
+    augmentation = detect.build_box_augmentation(seed=0)
+    views = detect.prepare_detection_data(detector, examples, views=2, augmentation=augmentation)
+    plain = views.first_views(1)
+    assert plain.views == 1 and plain.targets.shape[0] == len(examples)
+    np.testing.assert_array_equal(plain.targets, views.targets[: len(examples)])
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        views.first_views(3)

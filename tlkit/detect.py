@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -597,6 +598,22 @@ class DetectionData:
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+    def first_views(self, count: int = 1) -> DetectionData:
+        """The same images with only their first `count` views (view 0 is the plain image).
+
+        Raises:
+            ValueError: If `count` is not between 1 and `views`.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.views:
+            raise ValueError(f"count must be between 1 and {self.views}. Received: count={count!r}")
+        rows = count * len(self)
+        return dataclasses.replace(
+            self,
+            features=[level[:rows] for level in self.features],
+            targets=self.targets[:rows],
+            views=count,
+        )
 
 
 def encode_targets(anchors: np.ndarray, boxes, labels) -> np.ndarray:

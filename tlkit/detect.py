@@ -10,13 +10,21 @@ box offsets.
 
 With the base frozen, its feature maps are computed once per image
 (`prepare_detection_data`) and the head trains on them in minutes on a CPU,
-like `tlkit.features` does for classifiers.
+like `tlkit.features` does for classifiers. To fine-tune the base's top
+blocks too, cache the activations below them instead
+(`prepare_detection_data(..., fine_tune_from="block14")`) and train the top
+blocks with the head (`fine_tune_detector`, BatchNorm frozen), as
+`tlkit.fine_tuning.fine_tune_cached` does for classifiers. Box-aware
+augmentation (`build_box_augmentation`) is Keras 3's preprocessing layers
+with `bounding_box_format`, applied to a fixed number of cached views.
 
 Box arithmetic comes from Keras itself (`keras.utils.bounding_boxes`:
 `convert_format`, `compute_iou`, `encode_box_to_deltas`,
 `decode_deltas_to_boxes`); non-maximum suppression is TensorFlow's
 `tf.image.combined_non_max_suppression`; mAP is COCO's reference
-implementation (`pycocotools.cocoeval.COCOeval`) at a single IoU threshold.
+implementation (`pycocotools.cocoeval.COCOeval`), at a single IoU threshold
+(`mean_average_precision`) or COCO's AP50, AP and small-box recall
+(`coco_metrics`).
 Boxes are drawn with matplotlib because `keras.visualization.draw_bounding_boxes`
 needs OpenCV, which tlkit does not depend on.
 

@@ -38,6 +38,7 @@ _TAKES_VALIDATION = {
         fine_tuning.fine_tune_split,
         fine_tuning.fine_tune_cached,
         detect.train_detector,
+        detect.fine_tune_detector,
         semi.pseudo_label,
         semi.fixmatch,
     )

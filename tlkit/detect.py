@@ -10,13 +10,21 @@ box offsets.
 
 With the base frozen, its feature maps are computed once per image
 (`prepare_detection_data`) and the head trains on them in minutes on a CPU,
-like `tlkit.features` does for classifiers.
+like `tlkit.features` does for classifiers. To fine-tune the base's top
+blocks too, cache the activations below them instead
+(`prepare_detection_data(..., fine_tune_from="block14")`) and train the top
+blocks with the head (`fine_tune_detector`, BatchNorm frozen), as
+`tlkit.fine_tuning.fine_tune_cached` does for classifiers. Box-aware
+augmentation (`build_box_augmentation`) is Keras 3's preprocessing layers
+with `bounding_box_format`, applied to a fixed number of cached views.
 
 Box arithmetic comes from Keras itself (`keras.utils.bounding_boxes`:
 `convert_format`, `compute_iou`, `encode_box_to_deltas`,
 `decode_deltas_to_boxes`); non-maximum suppression is TensorFlow's
 `tf.image.combined_non_max_suppression`; mAP is COCO's reference
-implementation (`pycocotools.cocoeval.COCOeval`) at a single IoU threshold.
+implementation (`pycocotools.cocoeval.COCOeval`), at a single IoU threshold
+(`mean_average_precision`) or COCO's AP50, AP and small-box recall
+(`coco_metrics`).
 Boxes are drawn with matplotlib because `keras.visualization.draw_bounding_boxes`
 needs OpenCV, which tlkit does not depend on.
 
@@ -42,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -54,6 +63,7 @@ import tensorflow as tf
 from keras.utils import bounding_boxes
 
 from tlkit._io import atomic_path
+from tlkit._keras_compat import flatten_layers, seed_generators
 from tlkit.backbones import build_backbone, get_backbone, list_backbones
 from tlkit.data.images import load_image
 from tlkit.metadata import ModelMetadata
@@ -307,6 +317,7 @@ def build_detector(
         scales=scales,
         aspect_ratios=aspect_ratios,
         pyramid_layers=names,
+        backbone=backbone,
     )(head(features))
     detector = keras.Model(inputs, outputs, name=f"{backbone}_detector")
     _attach_metadata(detector)
@@ -331,6 +342,8 @@ class DetectionOutput(ModelMetadata):
         aspect_ratios: Anchor width / height ratios. Defaults to `(1.0,)`.
         pyramid_layers: Names of the base layers at the pyramid's strides.
             Defaults to None.
+        backbone: Registry name of the base, or None (files saved before it
+            was recorded: the detector's name gives it). Defaults to None.
     """
 
     def __init__(
@@ -341,6 +354,7 @@ class DetectionOutput(ModelMetadata):
         scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
         aspect_ratios=(1.0,),
         pyramid_layers=None,
+        backbone=None,
         **kwargs,
     ):
         kwargs.setdefault("name", "detections")
@@ -350,6 +364,7 @@ class DetectionOutput(ModelMetadata):
         self.scales = tuple(float(scale) for scale in scales)
         self.aspect_ratios = tuple(float(ratio) for ratio in aspect_ratios)
         self.pyramid_layers = list(pyramid_layers) if pyramid_layers is not None else None
+        self.backbone = backbone
 
     def get_config(self):
         return {
@@ -359,6 +374,7 @@ class DetectionOutput(ModelMetadata):
             "scales": list(self.scales),
             "aspect_ratios": list(self.aspect_ratios),
             "pyramid_layers": self.pyramid_layers,
+            "backbone": self.backbone,
         }
 
 
@@ -376,6 +392,7 @@ def _attach_metadata(detector: keras.Model) -> None:
     )
     detector.class_names = list(output.class_names)
     detector.pyramid_layers = output.pyramid_layers
+    detector.backbone_name = output.backbone or detector.name.removesuffix("_detector")
     if detector.output_shape[1] != len(detector.anchors):
         raise ValueError(
             f"The detector predicts for {detector.output_shape[1]} anchors but its settings give "
@@ -569,7 +586,13 @@ class DetectionData:
         labels: Per image, the int32 class indices.
         image_paths: The image files.
         original_sizes: Per image, `(height, width)` of the file.
-        views: 1 (plain), 2 (+ left-right flip) or 4 (+ up-down and both).
+        views: 1 (plain), 2 (+ left-right flip) or 4 (+ up-down and both);
+            with an augmentation, view 0 is plain and the others are
+            augmented draws.
+        fine_tune_from: None when `features` are the base's pyramid
+            outputs; a block name when they are the frozen activations below
+            that block (the pyramid outputs below it, then the block's
+            input), for `fine_tune_detector`.
     """
 
     features: list[np.ndarray]
@@ -579,9 +602,26 @@ class DetectionData:
     image_paths: list[str]
     original_sizes: list[tuple[int, int]]
     views: int = 1
+    fine_tune_from: str | None = None
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+    def first_views(self, count: int = 1) -> DetectionData:
+        """The same images with only their first `count` views (view 0 is the plain image).
+
+        Raises:
+            ValueError: If `count` is not between 1 and `views`.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.views:
+            raise ValueError(f"count must be between 1 and {self.views}. Received: count={count!r}")
+        rows = count * len(self)
+        return dataclasses.replace(
+            self,
+            features=[level[:rows] for level in self.features],
+            targets=self.targets[:rows],
+            views=count,
+        )
 
 
 def encode_targets(anchors: np.ndarray, boxes, labels) -> np.ndarray:
@@ -633,31 +673,59 @@ def prepare_detection_data(
     examples,
     views: int = 1,
     batch_size: int = 16,
+    augmentation: keras.Layer | None = None,
+    seed: int = 0,
+    fine_tune_from: str | None = None,
 ) -> DetectionData:
     """Runs the frozen base once over the images and encodes their targets.
+
+    Without `fine_tune_from` the cache holds the base's pyramid outputs, for
+    `train_detector`. With it, the cache holds what the frozen blocks below
+    `fine_tune_from` compute (the pyramid outputs below that block and the
+    block's input), so `fine_tune_detector` can train the blocks from
+    `fine_tune_from` up together with the head without running the lower
+    blocks every epoch (as `tlkit.fine_tuning.fine_tune_cached` does for
+    classifiers). `train_detector` and `predict_boxes` accept both.
 
     Args:
         detector: A model from `build_detector`.
         examples: A list of `tlkit.data.DetectionExample` (e.g.
             `tlkit.data.load_detection("bccd").train`).
-        views: 1 for the plain images; 2 adds left-right flips; 4 adds
-            up-down flips and both (useful for rotation-free images such as
-            microscopy). Defaults to 1.
+        views: Without `augmentation`: 1 for the plain images; 2 adds
+            left-right flips; 4 adds up-down flips and both (useful for
+            rotation-free images such as microscopy). With `augmentation`:
+            view 0 is plain and the other `views - 1` are augmented draws.
+            Defaults to 1.
         batch_size: Images per base forward pass. Defaults to 16.
+        augmentation: A box-aware Keras layer (`build_box_augmentation`)
+            applied to `{"images", "bounding_boxes"}` at the detector's input
+            size, or None. Defaults to None.
+        seed: Seed of the augmented draws. Defaults to 0.
+        fine_tune_from: None, or the first block to fine-tune, one of
+            `detector_block_names(detector)` after the stem, e.g. `"block14"`.
+            Defaults to None.
 
     Returns:
         A `DetectionData`.
 
     Raises:
-        ValueError: If `views` is not 1, 2 or 4 or `examples` is empty.
+        ValueError: On bad `views`, an empty `examples`, or an unknown block.
     """
-    if views not in (1, 2, 4):
-        raise ValueError(f"views must be 1, 2 or 4. Received: views={views!r}")
+    if augmentation is None and views not in (1, 2, 4):
+        raise ValueError(
+            f"views must be 1, 2 or 4 (flips), or any positive count with an augmentation. "
+            f"Received: views={views!r}"
+        )
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"views must be a positive integer. Received: views={views!r}")
     examples = list(examples)
     if not examples:
         raise ValueError("examples is empty; pass e.g. dataset.train. Received: examples=[]")
     height, width = detector.input_shape[1:3]
-    frozen_base = frozen_backbone(detector)
+    if fine_tune_from is None:
+        extractor = frozen_backbone(detector)
+    else:
+        extractor, _ = split_backbone(detector, fine_tune_from)
     images, scaled_boxes, sizes = [], [], []
     for example in examples:
         image = load_image(example.image_path)
@@ -666,25 +734,45 @@ def prepare_detection_data(
         scale = np.array([width / image.shape[1], height / image.shape[0]] * 2, "float32")
         scaled_boxes.append(np.asarray(example.boxes, "float32").reshape(-1, 4) * scale)
     images = np.stack(images)
-    flips = [(False, False), (True, False), (False, True), (True, True)][:views]
-    features = [[] for _ in frozen_base.outputs]
+    labels = [np.asarray(example.labels, "int32").reshape(-1) for example in examples]
+    features = [[] for _ in extractor.outputs]
     targets = []
-    for flip_x, flip_y in flips:
-        view = images[:, :, ::-1] if flip_x else images
-        view = view[:, ::-1] if flip_y else view
+    for view_index in range(views):
+        if augmentation is not None:
+            if view_index == 0:
+                view, view_boxes, view_labels = images, scaled_boxes, labels
+            else:
+                view, view_boxes, view_labels = augment_with_boxes(
+                    augmentation,
+                    images,
+                    scaled_boxes,
+                    labels,
+                    seed=seed + view_index,
+                    batch_size=batch_size,
+                )
+        else:
+            flip_x, flip_y = [(False, False), (True, False), (False, True), (True, True)][
+                view_index
+            ]
+            view = images[:, :, ::-1] if flip_x else images
+            view = view[:, ::-1] if flip_y else view
+            view_boxes = []
+            for boxes in scaled_boxes:
+                flipped = boxes.copy()
+                if flip_x:
+                    flipped[:, [0, 2]] = width - boxes[:, [2, 0]]
+                if flip_y:
+                    flipped[:, [1, 3]] = height - boxes[:, [3, 1]]
+                view_boxes.append(flipped)
+            view_labels = labels
         for start in range(0, len(view), batch_size):
-            outputs = frozen_base(
+            outputs = extractor(
                 np.ascontiguousarray(view[start : start + batch_size]), training=False
             )
             for level, output in zip(features, outputs, strict=True):
                 level.append(keras.ops.convert_to_numpy(output).astype("float16"))
-        for boxes, example in zip(scaled_boxes, examples, strict=True):
-            flipped = boxes.copy()
-            if flip_x:
-                flipped[:, [0, 2]] = width - boxes[:, [2, 0]]
-            if flip_y:
-                flipped[:, [1, 3]] = height - boxes[:, [3, 1]]
-            targets.append(encode_targets(detector.anchors, flipped, example.labels))
+        for boxes, box_labels in zip(view_boxes, view_labels, strict=True):
+            targets.append(encode_targets(detector.anchors, boxes, box_labels))
     return DetectionData(
         features=[np.concatenate(level) for level in features],
         targets=np.stack(targets),
@@ -693,7 +781,246 @@ def prepare_detection_data(
         image_paths=[e.image_path for e in examples],
         original_sizes=[tuple(int(v) for v in s) for s in sizes],
         views=views,
+        fine_tune_from=fine_tune_from,
     )
+
+
+# ---------------------------------------------------------------------------
+# Box-aware augmentation
+# ---------------------------------------------------------------------------
+
+
+def build_box_augmentation(
+    zoom: float = 0.3,
+    translation: float = 0.1,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+    horizontal_flip: bool = False,
+    seed: int | None = None,
+) -> keras.Sequential:
+    """Random scale/crop and colour that move the boxes with the image.
+
+    Keras 3 preprocessing layers with `bounding_box_format="xyxy"`: they take
+    `{"images", "bounding_boxes": {"boxes", "labels"}}` and transform the
+    boxes with the pixels; boxes are clipped to the image, and a box that
+    falls out gets label -1 (`augment_with_boxes` drops it). No flip by
+    default: a sign's meaning can depend on its side (keep left / keep right).
+
+    Args:
+        zoom: `RandomZoom` factor: the image is scaled by up to this fraction
+            in or out (zooming in crops). Defaults to 0.3.
+        translation: `RandomTranslation` factor, a fraction of height and
+            width. Defaults to 0.1.
+        brightness: `RandomBrightness` factor (0..255 images). Defaults to 0.2.
+        contrast: `RandomContrast` factor. Defaults to 0.2.
+        horizontal_flip: Add `RandomFlip("horizontal")`. Defaults to False.
+        seed: Seed of the layers, or None. Defaults to None.
+
+    Returns:
+        A `keras.Sequential` of preprocessing layers.
+
+    Example:
+        >>> augmentation = build_box_augmentation(seed=0)
+        >>> data = prepare_detection_data(detector, train, views=3, augmentation=augmentation)
+    """
+    layers = keras.layers
+    fmt = "xyxy"
+
+    def seeded(offset):
+        return None if seed is None else seed + offset
+
+    stack = []
+    if horizontal_flip:
+        stack.append(layers.RandomFlip("horizontal", bounding_box_format=fmt, seed=seeded(0)))
+    if zoom:
+        stack.append(
+            layers.RandomZoom(
+                (-zoom, zoom), bounding_box_format=fmt, fill_mode="constant", seed=seeded(1)
+            )
+        )
+    if translation:
+        stack.append(
+            layers.RandomTranslation(
+                translation,
+                translation,
+                bounding_box_format=fmt,
+                fill_mode="constant",
+                seed=seeded(2),
+            )
+        )
+    if brightness:
+        stack.append(
+            layers.RandomBrightness(
+                brightness, value_range=(0, 255), bounding_box_format=fmt, seed=seeded(3)
+            )
+        )
+    if contrast:
+        stack.append(
+            layers.RandomContrast(
+                contrast, value_range=(0, 255), bounding_box_format=fmt, seed=seeded(4)
+            )
+        )
+    return keras.Sequential(stack, name="box_augmentation")
+
+
+def augment_with_boxes(
+    augmentation: keras.Layer,
+    images,
+    boxes: list,
+    labels: list,
+    seed: int | None = None,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Applies a box-aware augmentation to images and their "xyxy" boxes.
+
+    The boxes of each batch are padded to one length with label -1 (Keras'
+    convention for "no box"), passed with the images as
+    `{"images", "bounding_boxes": {"boxes", "labels"}}`, and read back; boxes
+    that Keras marked -1 (fell out of the image) or that were clipped to
+    zero width or height are dropped.
+
+    Args:
+        augmentation: A Keras layer taking that dict, e.g.
+            `build_box_augmentation()`.
+        images: `(N, H, W, 3)` 0..255 images.
+        boxes: Per image, `(G, 4)` "xyxy" boxes in those images' pixels.
+        labels: Per image, `(G,)` class indices.
+        seed: Reseeds `augmentation`'s random layers first, or None to
+            continue their sequence. Defaults to None.
+        batch_size: Images per call. Defaults to 16.
+
+    Returns:
+        `(images, boxes, labels)` augmented, boxes float32 and labels int32.
+
+    Raises:
+        ValueError: If the three inputs differ in length.
+    """
+    images = np.asarray(images, "float32")
+    if not len(images) == len(boxes) == len(labels):
+        raise ValueError(
+            "images, boxes and labels must have one entry per image. Received: "
+            f"len(images)={len(images)}, len(boxes)={len(boxes)}, len(labels)={len(labels)}"
+        )
+    if seed is not None:
+        _reseed(augmentation, seed)
+    out_images, out_boxes, out_labels = [], [], []
+    for start in range(0, len(images), batch_size):
+        stop = start + batch_size
+        batch_boxes = [np.asarray(b, "float32").reshape(-1, 4) for b in boxes[start:stop]]
+        batch_labels = [np.asarray(v, "int32").reshape(-1) for v in labels[start:stop]]
+        longest = max(1, max(len(b) for b in batch_boxes))
+        padded_boxes = np.zeros((len(batch_boxes), longest, 4), "float32")
+        padded_labels = np.full((len(batch_boxes), longest), -1, "int32")
+        for row, (b, v) in enumerate(zip(batch_boxes, batch_labels, strict=True)):
+            padded_boxes[row, : len(b)] = b
+            padded_labels[row, : len(v)] = v
+        result = augmentation(
+            {
+                "images": images[start:stop],
+                "bounding_boxes": {"boxes": padded_boxes, "labels": padded_labels},
+            },
+            training=True,
+        )
+        out_images.append(keras.ops.convert_to_numpy(result["images"]).astype("float32"))
+        new_boxes = keras.ops.convert_to_numpy(result["bounding_boxes"]["boxes"])
+        new_labels = keras.ops.convert_to_numpy(result["bounding_boxes"]["labels"])
+        for b, v in zip(new_boxes, new_labels, strict=True):
+            keep = (v >= 0) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+            out_boxes.append(b[keep].astype("float32"))
+            out_labels.append(v[keep].astype("int32"))
+    return np.concatenate(out_images), out_boxes, out_labels
+
+
+def _reseed(layer: keras.Layer, seed: int) -> None:
+    """Restarts every random generator inside `layer` from `seed`.
+
+    Keras has no public call to reseed built layers (the same logic as
+    `tlkit.fine_tuning.reseed_layers`, which this layer may not import).
+    """
+    generators = [
+        generator
+        for inner in flatten_layers(layer, include_self=True)
+        for generator in seed_generators(inner)
+    ]
+    for index, generator in enumerate(generators):
+        generator.state.assign(np.asarray([seed + index, 0], dtype=generator.state.dtype))
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning the backbone's top blocks on cached lower activations
+# ---------------------------------------------------------------------------
+
+
+def detector_block_names(detector: keras.Model) -> list[str]:
+    """The detector base's blocks in input-to-output order (as `tlkit.models.block_names`).
+
+    Raises:
+        ValueError: If the base is not a registered backbone.
+    """
+    spec = get_backbone(detector.backbone_name)
+    names: list[str] = []
+    for layer in flatten_layers(frozen_backbone(detector), include_self=False):
+        block = spec.block_of(layer.name)
+        if block and block not in names:
+            names.append(block)
+    return names
+
+
+def split_backbone(detector: keras.Model, block: str) -> tuple[keras.Model, keras.Model]:
+    """Cuts the detector's base at the start of `block`, for cached fine-tuning.
+
+    Args:
+        detector: A model from `build_detector`.
+        block: The first block to fine-tune, one of `detector_block_names`
+            after the stem.
+
+    Returns:
+        `(lower, upper)`. `lower` maps raw 0..255 images to the pyramid
+        outputs below `block` followed by the activation entering `block`;
+        `upper` maps that activation to the remaining pyramid outputs. Both
+        share their layers with the detector.
+
+    Raises:
+        ValueError: On an unknown block or `"stem"`.
+    """
+    names = detector_block_names(detector)
+    if block not in names[1:]:
+        raise ValueError(
+            f"block must name a block of {detector.backbone_name} after the stem, one of "
+            f"{names[1:]}. Received: block={block!r}"
+        )
+    spec = get_backbone(detector.backbone_name)
+    base = frozen_backbone(detector)
+    cut_index = names.index(block)
+    first = next(
+        layer
+        for layer in flatten_layers(base, include_self=False)
+        if spec.block_of(layer.name) == block
+    )
+    cut = first.input
+    below, above = [], []
+    for output, layer_name in zip(base.outputs, detector.pyramid_layers, strict=True):
+        tapped = spec.block_of(layer_name)
+        (below if tapped and names.index(tapped) < cut_index else above).append(output)
+    lower = keras.Model(base.input, [*below, cut], name=f"backbone_below_{block}")
+    upper = keras.Model(cut, above, name=f"backbone_from_{block}")
+    return lower, upper
+
+
+def _cached_model(detector: keras.Model, fine_tune_from: str | None) -> keras.Model:
+    """The part of the detector that runs on cached features: head, or upper blocks + head."""
+    head = detector.get_layer("detection_head")
+    if fine_tune_from is None:
+        return head
+    lower, upper = split_backbone(detector, fine_tune_from)
+    inputs = [
+        keras.Input(shape=tuple(output.shape[1:]), name=f"cached{index}")
+        for index, output in enumerate(lower.outputs)
+    ]
+    above = upper(inputs[-1], training=False)
+    above = above if isinstance(above, (list, tuple)) else [above]
+    outputs = head([*inputs[:-1], *above])
+    return keras.Model(inputs, outputs, name=f"detector_from_{fine_tune_from}")
 
 
 # ---------------------------------------------------------------------------
@@ -712,6 +1039,10 @@ def train_detector(
     verbose: int = 0,
 ) -> keras.callbacks.History:
     """Trains the detection head on cached features; the base stays frozen.
+
+    With data prepared with `fine_tune_from`, the frozen top blocks run on
+    the cached activations every epoch (use `fine_tune_detector` to train
+    them too).
 
     Adam with a cosine-decaying learning rate. With `validation_data`, the
     head ends with the weights of the epoch of lowest validation loss.
@@ -732,7 +1063,104 @@ def train_detector(
     Raises:
         ValueError: If the data were prepared with another detector layout.
     """
-    head = detector.get_layer("detection_head")
+    return _fit(
+        detector,
+        _cached_model(detector, train_data.fine_tune_from),
+        train_data,
+        validation_data,
+        epochs,
+        learning_rate,
+        batch_size,
+        seed,
+        verbose,
+    )
+
+
+def fine_tune_detector(
+    detector: keras.Model,
+    train_data: DetectionData,
+    validation_data: DetectionData | None = None,
+    epochs: int = 10,
+    learning_rate: float = 1e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+    verbose: int = 0,
+) -> keras.callbacks.History:
+    """Fine-tunes the base's top blocks together with the head, on cached activations.
+
+    The blocks from `train_data.fine_tune_from` up become trainable, except
+    their BatchNormalization layers, which stay frozen and run in inference
+    mode (`training=False`), so their statistics never move to the small
+    new data set. The blocks below are frozen and their activations come
+    from the cache (`prepare_detection_data(..., fine_tune_from=block)`), so
+    an epoch costs only the top blocks and the head. Train the head first
+    (`train_detector` on the same data): a random head sends large, noisy
+    gradients into the pretrained blocks. Afterwards the base is frozen
+    again; its weights stay fine-tuned in `detector`.
+
+    Args:
+        detector: A model from `build_detector`, changed in place.
+        train_data: From `prepare_detection_data(detector, ...,
+            fine_tune_from=block)`.
+        validation_data: Same, for validation loss, or None. With it, the
+            weights of the epoch of lowest validation loss are kept.
+            Defaults to None.
+        epochs: Passes over `train_data`. Defaults to 10.
+        learning_rate: Initial Adam learning rate (cosine decay), lower
+            than for the head alone. Defaults to 1e-4.
+        batch_size: Images per step. Defaults to 8.
+        seed: Shuffling seed. Defaults to 0.
+        verbose: Keras verbosity. Defaults to 0.
+
+    Returns:
+        The Keras `History`.
+
+    Raises:
+        ValueError: If `train_data` was prepared without `fine_tune_from`,
+            or the two data sets were cut at different blocks.
+
+    Example:
+        >>> data = prepare_detection_data(detector, train, fine_tune_from="block14")
+        >>> train_detector(detector, data, epochs=20)
+        >>> fine_tune_detector(detector, data, epochs=10)
+    """
+    block = train_data.fine_tune_from
+    if block is None:
+        raise ValueError(
+            "fine_tune_detector trains on activations below the fine-tuned blocks; prepare "
+            "the data with prepare_detection_data(detector, examples, fine_tune_from='block14') "
+            "(see detector_block_names). Received: train_data.fine_tune_from=None"
+        )
+    if validation_data is not None and validation_data.fine_tune_from != block:
+        raise ValueError(
+            "train_data and validation_data must be cut at the same block. Received: "
+            f"{block!r} and {validation_data.fine_tune_from!r}"
+        )
+    model = _cached_model(detector, block)
+    _, upper = split_backbone(detector, block)
+    # Set every layer itself: a model cut from the middle of another does not pass
+    # `trainable` on to the layers it shares (as in fine_tuning.build_upper_classifier).
+    for layer in flatten_layers(upper, include_self=False):
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    try:
+        return _fit(
+            detector,
+            model,
+            train_data,
+            validation_data,
+            epochs,
+            learning_rate,
+            batch_size,
+            seed,
+            verbose,
+        )
+    finally:
+        frozen_backbone(detector).trainable = False
+
+
+def _fit(
+    detector, model, train_data, validation_data, epochs, learning_rate, batch_size, seed, verbose
+) -> keras.callbacks.History:
     for data, name in ((train_data, "train_data"), (validation_data, "validation_data")):
         if data is not None and data.targets.shape[1] != len(detector.anchors):
             raise ValueError(
@@ -740,9 +1168,14 @@ def train_detector(
                 f"{len(detector.anchors)}; prepare it with this detector. "
                 f"Received: {name}.targets.shape={data.targets.shape}"
             )
+    if validation_data is not None and validation_data.fine_tune_from != train_data.fine_tune_from:
+        raise ValueError(
+            "train_data and validation_data must be prepared alike (same fine_tune_from). "
+            f"Received: {train_data.fine_tune_from!r} and {validation_data.fine_tune_from!r}"
+        )
     steps = math.ceil(len(train_data.targets) / batch_size) * epochs
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1))
-    head.compile(
+    model.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss=DetectionLoss(len(detector.class_names)),
     )
@@ -755,7 +1188,7 @@ def train_detector(
                 patience=epochs, restore_best_weights=True, start_from_epoch=0
             )
         )
-    return head.fit(
+    return model.fit(
         _dataset(train_data, batch_size, shuffle=True, seed=seed),
         validation_data=validation,
         epochs=epochs,
@@ -807,7 +1240,7 @@ def predict_boxes(
             raise ValueError(f"{name} must be in [0, 1]. Received: {name}={value!r}")
     height, width = detector.input_shape[1:3]
     if isinstance(images, DetectionData):
-        head = detector.get_layer("detection_head")
+        head = _cached_model(detector, images.fine_tune_from)
         count = len(images)
         raw = head.predict(
             [level[:count].astype("float32") for level in images.features],
@@ -911,13 +1344,44 @@ def mean_average_precision(
         {'0': 1.0, 'mAP': 1.0}
     """
     try:
-        from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError as error:  # pragma: no cover - a declared dependency
         raise ImportError(
             "mean_average_precision uses COCO's reference implementation: "
             "pip install pycocotools==2.0.11"
         ) from error
+    predictions = list(predictions)
+    truth_coco, detections, class_names, annotations = _coco_inputs(
+        predictions, ground_truth, class_names
+    )
+    result = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        if detections:
+            evaluation = COCOeval(truth_coco, truth_coco.loadRes(detections), "bbox")
+            evaluation.params.iouThrs = np.array([iou_threshold])
+            evaluation.params.maxDets = [max(100, max(len(p[1]) for p in predictions))]
+            evaluation.params.areaRng = [[0, 1e10]]
+            evaluation.params.areaRngLbl = ["all"]
+            evaluation.evaluate()
+            evaluation.accumulate()
+            precision = evaluation.eval["precision"][0, :, :, 0, -1]  # (recall, class)
+    has_truth = {int(a["category_id"]) for a in annotations}
+    for index, name in enumerate(class_names):
+        if index not in has_truth:
+            result[name] = float("nan")
+        elif not detections:
+            result[name] = 0.0
+        else:
+            result[name] = float(np.mean(precision[:, index]))
+    scored = [v for v in result.values() if not math.isnan(v)]
+    result["mAP"] = float(np.mean(scored)) if scored else float("nan")
+    return result
+
+
+def _coco_inputs(predictions, ground_truth, class_names):
+    """COCO ground truth (indexed), detection dicts, class names and annotations."""
+    from pycocotools.coco import COCO
+
     predictions = list(predictions)
     truth = [_boxes_and_labels(item) for item in ground_truth]
     if len(predictions) != len(truth):
@@ -961,28 +1425,73 @@ def mean_average_precision(
         "annotations": annotations,
         "categories": [{"id": i, "name": n} for i, n in enumerate(class_names)],
     }
-    result = {}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         truth_coco.createIndex()
-        if detections:
-            evaluation = COCOeval(truth_coco, truth_coco.loadRes(detections), "bbox")
-            evaluation.params.iouThrs = np.array([iou_threshold])
-            evaluation.params.maxDets = [max(100, max(len(p[1]) for p in predictions))]
-            evaluation.params.areaRng = [[0, 1e10]]
-            evaluation.params.areaRngLbl = ["all"]
-            evaluation.evaluate()
-            evaluation.accumulate()
-            precision = evaluation.eval["precision"][0, :, :, 0, -1]  # (recall, class)
-    has_truth = {int(a["category_id"]) for a in annotations}
-    for index, name in enumerate(class_names):
-        if index not in has_truth:
-            result[name] = float("nan")
-        elif not detections:
-            result[name] = 0.0
-        else:
-            result[name] = float(np.mean(precision[:, index]))
-    scored = [v for v in result.values() if not math.isnan(v)]
-    result["mAP"] = float(np.mean(scored)) if scored else float("nan")
+    return truth_coco, detections, class_names, annotations
+
+
+def coco_metrics(
+    predictions,
+    ground_truth,
+    class_names: list[str] | None = None,
+    small_side: float = 32.0,
+) -> dict[str, float]:
+    """mAP@0.5, mAP@[.5:.95] and recall on small boxes, by COCO's `COCOeval`.
+
+    `mAP@0.5` and `mAP@[.5:.95]` are COCO's AP50 and AP (mean over classes,
+    101-point interpolation, IoU thresholds 0.5, 0.55, ..., 0.95 for the
+    latter), at up to 100 detections per image. `recall_small@0.5` is the
+    fraction of true boxes of area below `small_side` squared (COCO's
+    "small", in the images' original pixels) that a detection of the right
+    class finds with IoU >= 0.5, over all classes' small boxes together.
+
+    Args:
+        predictions: One `(boxes, scores, classes)` per image, as
+            `predict_boxes` returns.
+        ground_truth: One `DetectionExample` or `(boxes, labels)` per image.
+        class_names: As in `mean_average_precision`. Defaults to None.
+        small_side: Side in pixels below which a box counts as small.
+            Defaults to 32.0.
+
+    Returns:
+        `{"mAP@0.5", "mAP@[.5:.95]", "recall_small@0.5", "small_boxes"}`
+        (recall is NaN when there are no small boxes).
+
+    Raises:
+        ValueError: If the two lists differ in length.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    predictions = list(predictions)
+    truth_coco, detections, class_names, annotations = _coco_inputs(
+        predictions, ground_truth, class_names
+    )
+    small = [a for a in annotations if a["area"] < small_side**2]
+    result = {
+        "mAP@0.5": 0.0,
+        "mAP@[.5:.95]": 0.0,
+        "recall_small@0.5": float("nan") if not small else 0.0,
+        "small_boxes": float(len(small)),
+    }
+    if not detections:
+        return result
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluation = COCOeval(truth_coco, truth_coco.loadRes(detections), "bbox")
+        evaluation.params.areaRng = [[0, 1e10], [0, small_side**2]]
+        evaluation.params.areaRngLbl = ["all", "small"]
+        evaluation.params.maxDets = [100]
+        evaluation.evaluate()
+        evaluation.accumulate()
+    precision = evaluation.eval["precision"][:, :, :, 0, 0]  # (iou, recall, class), "all"
+    has_truth = sorted({int(a["category_id"]) for a in annotations})
+    per_class = precision[:, :, has_truth]
+    result["mAP@0.5"] = float(np.mean(per_class[0]))
+    result["mAP@[.5:.95]"] = float(np.mean(per_class))
+    if small:
+        recall = evaluation.eval["recall"][0, :, 1, 0]  # IoU 0.5, per class, "small"
+        counts = np.bincount([a["category_id"] for a in small], minlength=len(class_names))
+        found = sum(recall[k] * counts[k] for k in range(len(class_names)) if counts[k])
+        result["recall_small@0.5"] = float(found / len(small))
     return result
 
 

@@ -35,6 +35,8 @@ ROOT = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "results"
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "datasets"
 
+_START_LOAD: list[float] | None = None  # set by `start`
+
 if str(ROOT) not in sys.path:  # Run as `python bench/x.py` from a checkout.
     sys.path.insert(0, str(ROOT))
 
@@ -80,15 +82,14 @@ def setup_environment() -> None:
 
 
 def machine() -> dict[str, Any]:
-    """nproc, CPU model, memory and the load average when the benchmark started."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """nproc, CPU model and vector flags, memory and the load average right now.
+
+    The flags (AVX2, AVX-512, VNNI, FMA...) tell apart machines that share a
+    model name: XNNPACK and oneDNN pick their kernels by them.
+    """
+    from tlkit._cpu import cpu_facts
+
+    facts = cpu_facts()
     memory_gb = None
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -97,12 +98,59 @@ def machine() -> dict[str, Any]:
         pass
     return {
         "nproc": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": model,
+        "affinity_cpus": facts["usable_cores"],
+        "cpu_model": facts["cpu_model"],
+        "cpu_flags": facts["vector_flags"],
+        "cpu_max_mhz": facts["max_mhz"],
         "memory_gb": memory_gb,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": _START_LOAD or load_average(),
+        "load_average_at_end": load_average(),
         "platform": platform.platform(),
     }
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def thread_settings() -> dict[str, Any]:
+    """The thread counts TensorFlow uses in this process (0 = TensorFlow's default: all cores)."""
+    import tensorflow as tf
+
+    return {
+        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def page_cache_fraction(paths, sample: int = 400) -> float | None:
+    """Share of the bytes of (a sample of) `paths` already in the page cache.
+
+    Uses util-linux `fincore`; None when it is missing. A value near 1 means
+    the files are read from memory, not from disk, in what follows.
+    """
+    import random
+    import shutil
+
+    if not paths or shutil.which("fincore") is None:
+        return None
+    chosen = random.Random(0).sample(list(paths), min(sample, len(paths)))
+    resident = total = 0
+    for start in range(0, len(chosen), 100):
+        completed = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE"]
+            + chosen[start : start + 100],
+            capture_output=True,
+            text=True,
+        )
+        for line in completed.stdout.split("\n"):
+            fields = line.split()
+            if len(fields) == 2 and all(f.isdigit() for f in fields):
+                resident += int(fields[0])
+                total += int(fields[1])
+    return round(resident / total, 3) if total else None
 
 
 def versions() -> dict[str, str]:
@@ -237,8 +285,10 @@ def write_results(
         f"# {name}\n\n"
         f"Command: `{record['command']}`  \n"
         f"Machine: {record['machine']['nproc']} CPU(s), {record['machine']['cpu_model']}, "
-        f"{record['machine']['memory_gb']} GB; load average at start "
-        f"{record['machine']['load_average_at_start']}  \n"
+        f"{record['machine']['memory_gb']} GB; flags {' '.join(record['machine']['cpu_flags'])}; "
+        f"load average at start "
+        f"{record['machine']['load_average_at_start']}, at end "
+        f"{record['machine']['load_average_at_end']}  \n"
         f"Versions: "
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if k != "platform")
         + "  \n"
@@ -318,8 +368,10 @@ def start(description: str, argv, contenders):
     Returns:
         The parsed arguments in the parent process, None after running a child.
     """
+    global _START_LOAD
     args = parse_args(description, argv)
     setup_environment()
+    _START_LOAD = load_average()
     if args.child:
         child_main(args, contenders)
         return None

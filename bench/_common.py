@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,7 +151,7 @@ def page_cache_fraction(paths, sample: int = 400) -> float | None:
             if len(fields) == 2 and all(f.isdigit() for f in fields):
                 resident += int(fields[0])
                 total += int(fields[1])
-    return round(resident / total, 3) if total else None
+    return round(min(1.0, resident / total), 3) if total else None  # RES counts whole pages
 
 
 def versions() -> dict[str, str]:
@@ -180,6 +181,10 @@ def fresh_cache_dir() -> Path:
     weights = cache_dir() / "weights"
     if weights.is_dir():
         (folder / "weights").symlink_to(weights, target_is_directory=True)
+    checksums = cache_dir() / "checksums" / "weights"  # else the weights count as damaged
+    if checksums.is_dir():
+        (folder / "checksums").mkdir()
+        (folder / "checksums" / "weights").symlink_to(checksums, target_is_directory=True)
     return folder
 
 
@@ -233,13 +238,70 @@ def run_contender(script: str, name: str, params: dict, quick: bool, timeout: fl
     return result
 
 
+def run_interleaved(
+    script: str, runs: list[tuple[str, dict]], quick: bool, repeats: int
+) -> list[list[dict]]:
+    """Runs every contender once per round, in the same order, for `repeats` rounds.
+
+    A B C A B C ...: a load spike from another user of the machine falls on one
+    repeat of every contender rather than on all repeats of one, so medians of
+    the repeats compare. Each run records the load average before and after.
+
+    Returns:
+        One list of results per contender (same order as `runs`), one per repeat.
+    """
+    results: list[list[dict]] = [[] for _ in runs]
+    for round_index in range(repeats):
+        for position, (name, params) in enumerate(runs):
+            print(f"[round {round_index + 1}/{repeats}]", end=" ", flush=True)
+            results[position].append(run_contender(script, name, params, quick))
+    return results
+
+
+def median_result(repeats: list[dict], keys: tuple[str, ...]) -> dict:
+    """The first successful repeat with `keys` replaced by their medians over the repeats.
+
+    Adds `repeats` (each repeat's value of `keys[0]`, its load averages and peak RSS)
+    and `repeat_count`; an `error` when no repeat succeeded.
+    """
+    good = [r for r in repeats if "error" not in r]
+    if not good:
+        return {**repeats[0]}
+    merged = {**good[0]}
+    for key in keys:
+        values = [r[key] for r in good if r.get(key) is not None]
+        if values:
+            merged[key] = round(statistics.median(values), 3)
+    merged["peak_rss_mb"] = max(r.get("peak_rss_mb", 0) for r in good)
+    merged["repeat_count"] = len(good)
+    merged["repeats"] = [
+        {
+            keys[0]: r.get(keys[0]),
+            "load_average_before": r.get("load_average_before"),
+            "load_average_after": r.get("load_average_after"),
+            "peak_rss_mb": r.get("peak_rss_mb"),
+        }
+        for r in good
+    ]
+    return merged
+
+
 def child_main(args: argparse.Namespace, contenders: dict[str, Callable]) -> None:
     """The child side of `run_contender`: runs one contender, writes its result."""
     from tlkit._io import write_json
 
     params = json.loads(args.params or "{}")
+    load_before = load_average()
     result = contenders[args.child](params, args)
-    result = {"contender": args.child, "params": params, **result, "peak_rss_mb": peak_rss_mb()}
+    result = {
+        "contender": args.child,
+        "params": params,
+        **result,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": {**thread_settings(), **result.get("threads", {})},
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
     write_json(args.result_file, result)
 
 

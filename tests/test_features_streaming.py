@@ -55,6 +55,9 @@ def test_batches_come_in_order_with_failures_reported(tmp_path):
     assert images.shape == (5, SIZE, SIZE, 3) and images.dtype == np.float32
     for image, position in zip(images, kept, strict=True):
         np.testing.assert_array_equal(image, load_image(paths[position], SIZE))
+    exact = np.concatenate([x for x, _, _ in load_image_batches(paths, SIZE, 3, dtype="uint8")])
+    assert exact.dtype == np.uint8
+    np.testing.assert_array_equal(exact, images)  # uint8 holds load_image's pixels exactly
     with pytest.raises(ValueError, match="Received: batch_size=0"):
         next(load_image_batches(paths, SIZE, batch_size=0))
 

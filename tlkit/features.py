@@ -145,6 +145,11 @@ def extract_features(
     the `lower` part from `split_at_block`): the stored array then has that
     shape per row.
 
+    Files of a file-based split are decoded by a thread pool ahead of the model
+    (`tlkit.data.images.load_image_batches`, a few batches at a time, so memory
+    does not grow with the number of images beyond the features themselves);
+    augmented views and in-memory splits go through `split.to_dataset`.
+
     Args:
         base: A frozen feature extractor (`tlkit.build_feature_extractor`).
         split: A `tlkit.data.ImageSplit`.
@@ -167,7 +172,10 @@ def extract_features(
             `"auto"`: `"litert"` on a machine without a GPU, outside a
             distribution strategy, when the conversion is cached or pays off
             (at least `LITERT_MIN_IMAGES` images x views), else `"keras"`; a
-            base that does not convert falls back to `"keras"` with a warning. Every backend
+            base that does not convert falls back to `"keras"` with a warning. LiteRT's
+            thread, batch and interpreter counts are measured on the first images
+            of a long run and kept per machine (`tlkit.inference.LiteRTRunner`).
+            Every backend
             gives the same features within float32 round-off (LiteRT is
             checked against Keras when converted), so the cache key ignores
             it. Defaults to `"auto"`.
@@ -226,11 +234,12 @@ def _batches(split, image_size: int, batch_size: int, view: int, augmentation):
     """
     if split.paths is not None and view == 0:
         labels = np.asarray(split.labels, np.int32)
-        for images, kept, failures in load_image_batches(split.paths, image_size, batch_size):
+        batches = load_image_batches(split.paths, image_size, batch_size, dtype="uint8")
+        for images, kept, failures in batches:
             for position, reason in failures:
                 split._record_skip(split.paths[position], f"failed to decode at run time: {reason}")
             if len(kept):
-                yield images, labels[kept]
+                yield images.astype(np.float32), labels[kept]
         return
     dataset = split.to_dataset(image_size, batch_size=batch_size, shuffle=False)
     if view > 0:

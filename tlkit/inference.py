@@ -31,6 +31,7 @@ LITERT_MIN_IMAGES = 1000
 # The start-up probe of LiteRT settings times each candidate on this many calls
 # (after one untimed warm-up call each), interleaved; it needs this many images.
 PROBE_ROUNDS = 2
+PROBE_CHUNK = 16  # images per probe call: (1 + PROBE_ROUNDS) x 3 candidates = 144 images
 PROBE_MIN_IMAGES = 600
 _SETTINGS_FORMAT = 1
 
@@ -140,9 +141,10 @@ _SETTING_KEYS = ("num_threads", "batch_size", "interpreters")
 class LiteRTRunner:
     """A `LiteRTModel` with thread, batch and interpreter counts chosen for this machine.
 
-    The first calls of a long extraction (at least `PROBE_MIN_IMAGES` images)
-    run the candidates of `litert_candidates` in turn, A B C A B C..., on the
-    real batches (so image decoding competes for the CPU as it will later, and
+    The first images of a long extraction (at least `PROBE_MIN_IMAGES`) are
+    run in chunks of `PROBE_CHUNK` by the candidates of `litert_candidates` in
+    turn, A B C A B C... (one untimed warm-up chunk each first), on the real
+    batches (so image decoding competes for the CPU as it will later, and
     no image is computed twice); the fastest median images/s wins and is
     stored as JSON at `settings_path`, written atomically. Later runs on this
     machine read it and skip the probe; shorter runs without a stored choice
@@ -186,14 +188,21 @@ class LiteRTRunner:
         images = np.asarray(keras.ops.convert_to_numpy(images), dtype=np.float32)
         if not self._queue:
             return self._model(images)
-        index, timed = self._queue.pop(0)
-        clock = time.perf_counter()
-        outputs = self._models[index](images)
-        if timed and len(images):
-            self._times[index].append(len(images) / (time.perf_counter() - clock))
-        if not self._queue:
-            self._finish_probe()
-        return outputs
+        # Probing: chunks of PROBE_CHUNK images, each run by the next candidate in turn.
+        outputs = []
+        for start in range(0, len(images), PROBE_CHUNK):
+            chunk = images[start : start + PROBE_CHUNK]
+            if not self._queue:
+                outputs.append(self._model(images[start:]))
+                break
+            index, timed = self._queue.pop(0)
+            clock = time.perf_counter()
+            outputs.append(self._models[index](chunk))
+            if timed:
+                self._times[index].append(len(chunk) / (time.perf_counter() - clock))
+            if not self._queue:
+                self._finish_probe()
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _finish_probe(self) -> None:
         speeds = [statistics.median(times) if times else 0.0 for times in self._times]

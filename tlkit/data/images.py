@@ -167,6 +167,7 @@ def load_image_batches(
     batch_size: int = 32,
     workers: int | None = None,
     ahead: int | None = None,
+    dtype: str = "float32",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
     """Decodes files with `load_image` in a thread pool, ahead of the consumer, in order.
 
@@ -184,9 +185,12 @@ def load_image_batches(
         batch_size: Images per yielded batch. Defaults to 32.
         workers: Decoding threads. Defaults to the CPUs this process may use.
         ahead: Batches decoded ahead. Defaults to `2 * workers`.
+        dtype: `"float32"` or `"uint8"`. uint8 is exact (every `load_image`
+            pixel is a whole number 0..255, from an 8-bit RGB image) and holds
+            the look-ahead in a quarter of the memory. Defaults to `"float32"`.
 
     Yields:
-        `(images, valid, failures)`: float32 `(k, height, width, 3)` of the files
+        `(images, valid, failures)`: `(k, height, width, 3)` arrays of the files
         that decoded, in order; the positions in `paths` of those images
         (int64); and `(position, reason)` of the files that failed.
 
@@ -200,13 +204,15 @@ def load_image_batches(
         raise ValueError(
             f"batch_size must be a positive integer. Received: batch_size={batch_size!r}"
         )
+    if dtype not in ("float32", "uint8"):
+        raise ValueError(f"dtype must be 'float32' or 'uint8'. Received: dtype={dtype!r}")
     paths = [os.fspath(path) for path in paths]
     workers = workers or max(1, len(os.sched_getaffinity(0)))
     ahead = ahead or 2 * workers
 
     def decode(start: int):
         chunk = paths[start : start + batch_size]
-        images = np.empty((len(chunk), *size, 3), np.float32)
+        images = np.empty((len(chunk), *size, 3), dtype)
         kept, failures = [], []
         for offset, path in enumerate(chunk):
             try:

@@ -71,7 +71,7 @@ def test_broken_files_are_dropped_and_recorded(base, tmp_path):
     assert [skipped for skipped in split.report.skipped if paths[1] in str(skipped)]
 
 
-def test_files_path_equals_tf_data_path_on_real_photos(base, shared_datasets):
+def test_files_path_equals_tf_data_path_on_real_photos(base, converted, shared_datasets):
     paths = _photos(shared_datasets, 10)
     split = ImageSplit("flowers", ["any"], [0] * len(paths), paths=paths)
     images = np.concatenate([x.numpy() for x, _ in split.to_dataset(SIZE, batch_size=4)])
@@ -85,25 +85,38 @@ def test_files_path_equals_tf_data_path_on_real_photos(base, shared_datasets):
         )
 
 
-def test_more_interpreters_give_the_same_outputs(base, tmp_path):
+@pytest.fixture(scope="module")
+def converted(base):
+    """The LiteRT conversion, once, in the session's cache (the tests below share it)."""
+    return litert.LiteRTModel(base)
+
+
+def test_more_interpreters_give_the_same_outputs(base, converted):
     images = np.random.default_rng(2).uniform(0, 255, (5, SIZE, SIZE, 3)).astype(np.float32)
-    one = litert.LiteRTModel(base, cache=tmp_path)
+    one = converted
     two = one.with_settings(num_threads=1, batch_size=2, interpreters=2)
     assert two.interpreters == 2 and two.path == one.path
     np.testing.assert_allclose(two(images), one(images), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="Received: interpreters=0"):
-        litert.LiteRTModel(base, cache=tmp_path, interpreters=0)
+        litert.LiteRTModel(base, interpreters=0)
 
 
 def test_probe_picks_a_candidate_stores_it_and_later_runs_reuse_it(
-    base, shared_datasets, monkeypatch, tmp_path
+    base, converted, shared_datasets, monkeypatch
 ):
-    monkeypatch.setenv("TLKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(inference, "PROBE_MIN_IMAGES", 8)
     paths = _photos(shared_datasets, 40)
     split = ImageSplit("flowers", ["any"], [0] * len(paths), paths=paths)
-    model = litert.LiteRTModel(base)
+    model = converted
     runner = inference.LiteRTRunner(model, base.name, images=len(paths))
+    runner.path.unlink(missing_ok=True)
+    try:
+        _check_probe(base, split, model, runner, len(paths))
+    finally:
+        runner.path.unlink(missing_ok=True)
+
+
+def _check_probe(base, split, model, runner, count):
     features = extract_features(base, split, SIZE, batch_size=4, cache=False, progress=False)
     record = json.loads(runner.path.read_text())
     candidates = inference.litert_candidates(_cpu.usable_cores())
@@ -114,7 +127,7 @@ def test_probe_picks_a_candidate_stores_it_and_later_runs_reuse_it(
         base, split, SIZE, batch_size=4, cache=False, progress=False, backend="keras"
     ).features
     np.testing.assert_allclose(features.features, reference, rtol=1e-4, atol=1e-3)
-    again = inference.LiteRTRunner(model, base.name, images=len(paths))
+    again = inference.LiteRTRunner(model, base.name, images=count)
     assert again.settings == record["chosen"] and not again._queue  # no second probe
 
     runner.path.write_text('{"chosen": {"num_threads": "__import__(\'os\')"}}')

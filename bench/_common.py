@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "results"
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "datasets"
+
+_START_LOAD: list[float] | None = None  # set by `start`
 
 if str(ROOT) not in sys.path:  # Run as `python bench/x.py` from a checkout.
     sys.path.insert(0, str(ROOT))
@@ -80,15 +83,14 @@ def setup_environment() -> None:
 
 
 def machine() -> dict[str, Any]:
-    """nproc, CPU model, memory and the load average when the benchmark started."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """nproc, CPU model and vector flags, memory and the load average right now.
+
+    The flags (AVX2, AVX-512, VNNI, FMA...) tell apart machines that share a
+    model name: XNNPACK and oneDNN pick their kernels by them.
+    """
+    from tlkit._cpu import cpu_facts
+
+    facts = cpu_facts()
     memory_gb = None
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -97,12 +99,59 @@ def machine() -> dict[str, Any]:
         pass
     return {
         "nproc": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": model,
+        "affinity_cpus": facts["usable_cores"],
+        "cpu_model": facts["cpu_model"],
+        "cpu_flags": facts["vector_flags"],
+        "cpu_max_mhz": facts["max_mhz"],
         "memory_gb": memory_gb,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": _START_LOAD or load_average(),
+        "load_average_at_end": load_average(),
         "platform": platform.platform(),
     }
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def thread_settings() -> dict[str, Any]:
+    """The thread counts TensorFlow uses in this process (0 = TensorFlow's default: all cores)."""
+    import tensorflow as tf
+
+    return {
+        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def page_cache_fraction(paths, sample: int = 400) -> float | None:
+    """Share of the bytes of (a sample of) `paths` already in the page cache.
+
+    Uses util-linux `fincore`; None when it is missing. A value near 1 means
+    the files are read from memory, not from disk, in what follows.
+    """
+    import random
+    import shutil
+
+    if not paths or shutil.which("fincore") is None:
+        return None
+    chosen = random.Random(0).sample(list(paths), min(sample, len(paths)))
+    resident = total = 0
+    for start in range(0, len(chosen), 100):
+        completed = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE"]
+            + chosen[start : start + 100],
+            capture_output=True,
+            text=True,
+        )
+        for line in completed.stdout.split("\n"):
+            fields = line.split()
+            if len(fields) == 2 and all(f.isdigit() for f in fields):
+                resident += int(fields[0])
+                total += int(fields[1])
+    return round(min(1.0, resident / total), 3) if total else None  # RES counts whole pages
 
 
 def versions() -> dict[str, str]:
@@ -132,6 +181,10 @@ def fresh_cache_dir() -> Path:
     weights = cache_dir() / "weights"
     if weights.is_dir():
         (folder / "weights").symlink_to(weights, target_is_directory=True)
+    checksums = cache_dir() / "checksums" / "weights"  # else the weights count as damaged
+    if checksums.is_dir():
+        (folder / "checksums").mkdir()
+        (folder / "checksums" / "weights").symlink_to(checksums, target_is_directory=True)
     return folder
 
 
@@ -185,13 +238,70 @@ def run_contender(script: str, name: str, params: dict, quick: bool, timeout: fl
     return result
 
 
+def run_interleaved(
+    script: str, runs: list[tuple[str, dict]], quick: bool, repeats: int
+) -> list[list[dict]]:
+    """Runs every contender once per round, in the same order, for `repeats` rounds.
+
+    A B C A B C ...: a load spike from another user of the machine falls on one
+    repeat of every contender rather than on all repeats of one, so medians of
+    the repeats compare. Each run records the load average before and after.
+
+    Returns:
+        One list of results per contender (same order as `runs`), one per repeat.
+    """
+    results: list[list[dict]] = [[] for _ in runs]
+    for round_index in range(repeats):
+        for position, (name, params) in enumerate(runs):
+            print(f"[round {round_index + 1}/{repeats}]", end=" ", flush=True)
+            results[position].append(run_contender(script, name, params, quick))
+    return results
+
+
+def median_result(repeats: list[dict], keys: tuple[str, ...]) -> dict:
+    """The first successful repeat with `keys` replaced by their medians over the repeats.
+
+    Adds `repeats` (each repeat's value of `keys[0]`, its load averages and peak RSS)
+    and `repeat_count`; an `error` when no repeat succeeded.
+    """
+    good = [r for r in repeats if "error" not in r]
+    if not good:
+        return {**repeats[0]}
+    merged = {**good[0]}
+    for key in keys:
+        values = [r[key] for r in good if r.get(key) is not None]
+        if values:
+            merged[key] = round(statistics.median(values), 3)
+    merged["peak_rss_mb"] = max(r.get("peak_rss_mb", 0) for r in good)
+    merged["repeat_count"] = len(good)
+    merged["repeats"] = [
+        {
+            keys[0]: r.get(keys[0]),
+            "load_average_before": r.get("load_average_before"),
+            "load_average_after": r.get("load_average_after"),
+            "peak_rss_mb": r.get("peak_rss_mb"),
+        }
+        for r in good
+    ]
+    return merged
+
+
 def child_main(args: argparse.Namespace, contenders: dict[str, Callable]) -> None:
     """The child side of `run_contender`: runs one contender, writes its result."""
     from tlkit._io import write_json
 
     params = json.loads(args.params or "{}")
+    load_before = load_average()
     result = contenders[args.child](params, args)
-    result = {"contender": args.child, "params": params, **result, "peak_rss_mb": peak_rss_mb()}
+    result = {
+        "contender": args.child,
+        "params": params,
+        **result,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": {**thread_settings(), **result.get("threads", {})},
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
     write_json(args.result_file, result)
 
 
@@ -237,8 +347,10 @@ def write_results(
         f"# {name}\n\n"
         f"Command: `{record['command']}`  \n"
         f"Machine: {record['machine']['nproc']} CPU(s), {record['machine']['cpu_model']}, "
-        f"{record['machine']['memory_gb']} GB; load average at start "
-        f"{record['machine']['load_average_at_start']}  \n"
+        f"{record['machine']['memory_gb']} GB; flags {' '.join(record['machine']['cpu_flags'])}; "
+        f"load average at start "
+        f"{record['machine']['load_average_at_start']}, at end "
+        f"{record['machine']['load_average_at_end']}  \n"
         f"Versions: "
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if k != "platform")
         + "  \n"
@@ -318,8 +430,10 @@ def start(description: str, argv, contenders):
     Returns:
         The parsed arguments in the parent process, None after running a child.
     """
+    global _START_LOAD
     args = parse_args(description, argv)
     setup_environment()
+    _START_LOAD = load_average()
     if args.child:
         child_main(args, contenders)
         return None

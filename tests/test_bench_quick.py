@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON_KEYS = {"benchmark", "quick", "command", "seed", "machine", "versions"}
 EXPECTED = {
     "tutorial_race": {"contenders", "target", "reached_by", "tutorial_unfreeze_from"},
-    "throughput": {"contenders", "scaling", "ceiling", "feature_tolerance", "datasets"},
+    "throughput": {"contenders", "memory", "ceiling", "feature_tolerance", "datasets", "repeats"},
     "fine_tune_speed": {"contenders", "first_block"},
     "published": {"summary", "runs"},
 }
@@ -35,10 +35,12 @@ def test_benchmark_runs_in_quick_mode(name, shared_datasets, tlkit_cache_dir, tm
     record = json.loads((tmp_path / f"{name}.json").read_text())
     assert COMMON_KEYS | EXPECTED[name] <= set(record)
     assert record["quick"] is True and record["machine"]["nproc"] >= 1
+    assert "cpu_flags" in record["machine"] and record["machine"]["load_average_at_end"]
     assert (tmp_path / f"{name}.md").read_text().startswith(f"# {name}")
     rows = record.get("contenders") or record.get("runs")
     assert rows and not [row for row in rows if "error" in row]
     for row in rows:
         assert row["peak_rss_mb"] > 0
+        assert "tf_intra_op_threads" in row["threads"] and row["load_average_before"]
         if "dataset" in row:
             assert all(len(value) == 64 for value in row["dataset"]["fingerprints"].values())

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from tlkit._io import atomic_path, cache_dir, progress_bar
 from tlkit.augment import build_augmentation
+from tlkit.data.images import load_image_batches
 from tlkit.fingerprint import preprocessing_modes, weights_fingerprint
 from tlkit.inference import BACKENDS, forward_function
 from tlkit.input_config import resolve_input_config
@@ -144,6 +145,11 @@ def extract_features(
     the `lower` part from `split_at_block`): the stored array then has that
     shape per row.
 
+    Files of a file-based split are decoded by a thread pool ahead of the model
+    (`tlkit.data.images.load_image_batches`, a few batches at a time, so memory
+    does not grow with the number of images beyond the features themselves);
+    augmented views and in-memory splits go through `split.to_dataset`.
+
     Args:
         base: A frozen feature extractor (`tlkit.build_feature_extractor`).
         split: A `tlkit.data.ImageSplit`.
@@ -166,7 +172,10 @@ def extract_features(
             `"auto"`: `"litert"` on a machine without a GPU, outside a
             distribution strategy, when the conversion is cached or pays off
             (at least `LITERT_MIN_IMAGES` images x views), else `"keras"`; a
-            base that does not convert falls back to `"keras"` with a warning. Every backend
+            base that does not convert falls back to `"keras"` with a warning. LiteRT's
+            thread, batch and interpreter counts are measured on the first images
+            of a long run and kept per machine (`tlkit.inference.LiteRTRunner`).
+            Every backend
             gives the same features within float32 round-off (LiteRT is
             checked against Keras when converted), so the cache key ignores
             it. Defaults to `"auto"`.
@@ -202,29 +211,67 @@ def extract_features(
     infer = forward_function(base, image_size, backend, images=len(split) * views)
     steps = math.ceil(len(split) / batch_size) * views
     bar = progress_bar(steps, f"features {base.name} {split.name}", progress)
-    features, labels = [], []
+    rows = _Rows(len(split) * views)
     for view in range(views):
-        dataset = split.to_dataset(image_size, batch_size=batch_size, shuffle=False)
-        if view > 0:
-            dataset = dataset.map(
-                lambda images, targets: (augmentation(images, training=True), targets),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-        for images, targets in dataset:
-            features.append(np.asarray(infer(images)))
-            labels.append(targets.numpy())
+        for images, targets in _batches(split, image_size, batch_size, view, augmentation):
+            rows.add(np.asarray(infer(images)), targets)
             bar.update(1)
     bar.close()
-    result = FeatureSet(
-        np.concatenate(features).astype(np.float32),
-        np.concatenate(labels).astype(np.int32),
-        views,
-        path,
-    )
+    result = FeatureSet(*rows.arrays(), views, path)
     if path is not None:
         with atomic_path(path) as temporary:
             np.savez(temporary, features=result.features, labels=result.labels)
     return result
+
+
+def _batches(split, image_size: int, batch_size: int, view: int, augmentation):
+    """(images, labels) batches of one view: numpy from files, tf tensors otherwise.
+
+    Files of the plain view are decoded by `load_image_batches` (a thread pool
+    ahead of the model, no tf.data); the same `load_image` decodes them in
+    `split.to_dataset`, so the pixels are the same either way. Augmented views
+    and in-memory splits go through `split.to_dataset`.
+    """
+    if split.paths is not None and view == 0:
+        labels = np.asarray(split.labels, np.int32)
+        batches = load_image_batches(split.paths, image_size, batch_size, dtype="uint8")
+        for images, kept, failures in batches:
+            for position, reason in failures:
+                split._record_skip(split.paths[position], f"failed to decode at run time: {reason}")
+            if len(kept):
+                yield images.astype(np.float32), labels[kept]
+        return
+    dataset = split.to_dataset(image_size, batch_size=batch_size, shuffle=False)
+    if view > 0:
+        dataset = dataset.map(
+            lambda images, targets: (augmentation(images, training=True), targets),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    for images, targets in dataset:
+        yield images, targets.numpy()
+
+
+class _Rows:
+    """Features and labels written into arrays allocated once (no list + concatenate copy)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.count = capacity, 0
+        self.features: np.ndarray | None = None
+        self.labels = np.empty(capacity, np.int32)
+
+    def add(self, features: np.ndarray, labels) -> None:
+        if self.features is None:
+            self.features = np.empty((self.capacity, *features.shape[1:]), np.float32)
+        self.features[self.count : self.count + len(features)] = features
+        self.labels[self.count : self.count + len(features)] = labels
+        self.count += len(features)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.features is None:  # Nothing decoded: no rows, width unknown.
+            return np.zeros((0,), np.float32), self.labels[:0]
+        if self.count == self.capacity:
+            return self.features, self.labels
+        return self.features[: self.count].copy(), self.labels[: self.count].copy()
 
 
 def read_cached_features(path: Path, split, views: int) -> FeatureSet | None:

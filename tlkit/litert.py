@@ -29,11 +29,13 @@ import json
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from tlkit._cpu import usable_cores
 from tlkit._io import atomic_path, cache_dir, write_json
 from tlkit._keras_compat import flatten_layers
 from tlkit.fingerprint import preprocessing_modes, weights_fingerprint
@@ -65,11 +67,17 @@ class LiteRTModel:
             required when the model takes any size.
         cache: True for the default cache folder, a folder path, or False to
             convert in memory every time. Defaults to True.
-        num_threads: CPU threads for XNNPACK. Defaults to the CPUs this
-            process may use.
+        num_threads: CPU threads for XNNPACK in each interpreter. Defaults
+            to the CPUs this process may use divided by `interpreters`.
         batch_size: Images per `invoke`. XNNPACK parallelises inside each
             image, so small batches lose nothing; 1 was fastest in
             `bench/throughput.py`. Defaults to 1.
+        interpreters: Independent interpreters that each take a contiguous
+            part of every call, run from a thread pool (`invoke` releases the
+            GIL). With one thread each, no thread waits at XNNPACK's barriers
+            for another that the OS has given to image decoding, which
+            matters on a busy or a 2-core machine; `tlkit.inference` picks
+            the faster setting by measuring. Defaults to 1.
 
     Raises:
         ImportError: If no LiteRT interpreter is installed.
@@ -85,6 +93,7 @@ class LiteRTModel:
         cache: bool | str | os.PathLike = True,
         num_threads: int | None = None,
         batch_size: int = 1,
+        interpreters: int = 1,
     ):
         shape = model.input_shape
         if isinstance(shape, list) or len(shape) != 4:
@@ -102,10 +111,15 @@ class LiteRTModel:
             raise ValueError(
                 f"batch_size must be a positive integer. Received: batch_size={batch_size!r}"
             )
+        if not isinstance(interpreters, int) or interpreters < 1:
+            raise ValueError(
+                f"interpreters must be a positive integer. Received: interpreters={interpreters!r}"
+            )
         self.image_size = int(image_size)
         self.channels = int(shape[-1])
         self.batch_size = batch_size
-        self.num_threads = num_threads or len(os.sched_getaffinity(0))
+        self.interpreters = interpreters
+        self.num_threads = num_threads or max(1, usable_cores() // interpreters)
         self.path: Path | None = None
         self.from_cache = False
         self.check: dict = {}
@@ -124,7 +138,30 @@ class LiteRTModel:
                 with atomic_path(self.path) as temporary:
                     temporary.write_bytes(content)
                 write_json(self.path.with_suffix(".json"), self.check)
-        self._interpreter = self._load(content)
+        self.content = content
+        self._workers = [_Worker(content, self.num_threads) for _ in range(interpreters)]
+        self._interpreter = self._workers[0].interpreter
+        self._pool = ThreadPoolExecutor(interpreters) if interpreters > 1 else None
+
+    def with_settings(self, num_threads: int, batch_size: int, interpreters: int) -> LiteRTModel:
+        """The same converted model with other thread, batch and interpreter counts.
+
+        Nothing is converted or checked again (the flatbuffer is shared).
+
+        Returns:
+            A new `LiteRTModel`.
+        """
+        other = object.__new__(LiteRTModel)
+        other.__dict__.update(self.__dict__)
+        other.num_threads, other.batch_size, other.interpreters = (
+            num_threads,
+            batch_size,
+            interpreters,
+        )
+        other._workers = [_Worker(self.content, num_threads) for _ in range(interpreters)]
+        other._interpreter = other._workers[0].interpreter
+        other._pool = ThreadPoolExecutor(interpreters) if interpreters > 1 else None
+        return other
 
     def __call__(self, images) -> np.ndarray:
         """Runs the model on a batch of images.
@@ -146,33 +183,20 @@ class LiteRTModel:
                 f"Expected images of shape (N, {', '.join(map(str, expected))}); resize them to "
                 f"{self.image_size} px first. Received: shape={images.shape}"
             )
-        outputs = [
-            self._invoke(images[start : start + self.batch_size])
-            for start in range(0, len(images), self.batch_size)
-        ]
-        if not outputs:
+        if len(images) == 0:
             output_shape = self._interpreter.get_output_details()[0]["shape"][1:]
             return np.zeros((0, *output_shape), np.float32)
-        return np.concatenate(outputs)
-
-    def _invoke(self, chunk: np.ndarray) -> np.ndarray:
-        interpreter = self._interpreter
-        if len(chunk) != self._allocated:
-            interpreter.resize_tensor_input(self._input_index, [len(chunk), *chunk.shape[1:]])
-            interpreter.allocate_tensors()
-            self._allocated = len(chunk)
-        interpreter.set_tensor(self._input_index, np.ascontiguousarray(chunk))
-        interpreter.invoke()
-        return interpreter.get_tensor(self._output_index).copy()
+        if self._pool is None or len(images) < 2:
+            return self._workers[0].run(images, self.batch_size)
+        parts = np.array_split(images, min(len(self._workers), len(images)))
+        batch_size = [self.batch_size] * len(parts)
+        return np.concatenate(list(self._pool.map(_Worker.run, self._workers, parts, batch_size)))
 
     def _load(self, content: bytes):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice.
-            interpreter = _interpreter_class()(model_content=content, num_threads=self.num_threads)
-        self._input_index = interpreter.get_input_details()[0]["index"]
-        self._output_index = interpreter.get_output_details()[0]["index"]
-        self._allocated = 0
-        return interpreter
+        worker = _Worker(content, self.num_threads)
+        self._workers = [worker]
+        self._pool = None
+        return worker.interpreter
 
     def _verify(self, model: keras.Model, content: bytes) -> dict:
         """Compares the converted model with Keras on a fixed random input."""
@@ -198,6 +222,35 @@ class LiteRTModel:
             "max_relative_difference": difference,
             "tolerance": TOLERANCE,
         }
+
+
+class _Worker:
+    """One interpreter and the input batch size it is allocated for."""
+
+    def __init__(self, content: bytes, num_threads: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice.
+            self.interpreter = _interpreter_class()(model_content=content, num_threads=num_threads)
+        self.input_index = self.interpreter.get_input_details()[0]["index"]
+        self.output_index = self.interpreter.get_output_details()[0]["index"]
+        self.allocated = 0
+
+    def run(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        outputs = [
+            self.invoke(images[start : start + batch_size])
+            for start in range(0, len(images), batch_size)
+        ]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def invoke(self, chunk: np.ndarray) -> np.ndarray:
+        interpreter = self.interpreter
+        if len(chunk) != self.allocated:
+            interpreter.resize_tensor_input(self.input_index, [len(chunk), *chunk.shape[1:]])
+            interpreter.allocate_tensors()
+            self.allocated = len(chunk)
+        interpreter.set_tensor(self.input_index, np.ascontiguousarray(chunk))
+        interpreter.invoke()
+        return interpreter.get_tensor(self.output_index).copy()
 
 
 def cached_path(

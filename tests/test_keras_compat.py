@@ -68,6 +68,18 @@ def test_seed_generators():
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(state), [7, 0])
 
 
+def test_reseed_layers():
+    augmentation = keras.Sequential([keras.layers.RandomTranslation(0.3, 0.3, seed=1)])
+    images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    _keras_compat.reseed_layers(augmentation, 5)
+    first = keras.ops.convert_to_numpy(augmentation(images, training=True))
+    second = keras.ops.convert_to_numpy(augmentation(images, training=True))
+    assert not np.allclose(first, second), "the layer drew the same numbers twice"
+    _keras_compat.reseed_layers(augmentation, 5)
+    again = keras.ops.convert_to_numpy(augmentation(images, training=True))
+    np.testing.assert_allclose(again, first)
+
+
 def test_compiled_trainable_state():
     model, inner = _nested_model()
     assert _keras_compat.compiled_trainable_state(model) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import keras
+import numpy as np
 
 
 def flatten_layers(model: keras.Layer, include_self: bool = True) -> Iterator[keras.Layer]:
@@ -80,3 +81,24 @@ def inbound_nodes(layer: keras.Layer) -> list:
         A list of `keras` nodes (empty for a layer never called functionally).
     """
     return list(getattr(layer, "_inbound_nodes", []))
+
+
+def reseed_layers(model: keras.Layer, seed: int) -> None:
+    """Sets the random state of every augmentation and dropout layer from `seed`.
+
+    Keras layers draw from their own `SeedGenerator`, whose state is not saved
+    with the model and which `keras.utils.set_random_seed` does not reset, so a
+    resumed run would draw other random numbers than the uninterrupted one.
+    Keras has no public call to reseed built layers; this sets the states.
+
+    Args:
+        model: The model; nested models are included.
+        seed: The seed; layer `i` gets state `(seed + i, 0)`.
+    """
+    generators = [
+        generator
+        for layer in flatten_layers(model, include_self=True)
+        for generator in seed_generators(layer)
+    ]
+    for index, generator in enumerate(generators):
+        generator.state.assign(np.asarray([seed + index, 0], dtype=generator.state.dtype))

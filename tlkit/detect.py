@@ -63,7 +63,7 @@ import tensorflow as tf
 from keras.utils import bounding_boxes
 
 from tlkit._io import atomic_path
-from tlkit._keras_compat import flatten_layers, seed_generators
+from tlkit._keras_compat import flatten_layers, reseed_layers
 from tlkit.backbones import build_backbone, get_backbone, list_backbones
 from tlkit.data.images import load_image
 from tlkit.metadata import ModelMetadata
@@ -902,7 +902,7 @@ def augment_with_boxes(
             f"len(images)={len(images)}, len(boxes)={len(boxes)}, len(labels)={len(labels)}"
         )
     if seed is not None:
-        _reseed(augmentation, seed)
+        reseed_layers(augmentation, seed)
     out_images, out_boxes, out_labels = [], [], []
     for start in range(0, len(images), batch_size):
         stop = start + batch_size
@@ -929,21 +929,6 @@ def augment_with_boxes(
             out_boxes.append(b[keep].astype("float32"))
             out_labels.append(v[keep].astype("int32"))
     return np.concatenate(out_images), out_boxes, out_labels
-
-
-def _reseed(layer: keras.Layer, seed: int) -> None:
-    """Restarts every random generator inside `layer` from `seed`.
-
-    Keras has no public call to reseed built layers (the same logic as
-    `tlkit.fine_tuning.reseed_layers`, which this layer may not import).
-    """
-    generators = [
-        generator
-        for inner in flatten_layers(layer, include_self=True)
-        for generator in seed_generators(inner)
-    ]
-    for index, generator in enumerate(generators):
-        generator.state.assign(np.asarray([seed + index, 0], dtype=generator.state.dtype))
 
 
 # ---------------------------------------------------------------------------

@@ -16,9 +16,8 @@ import os
 from collections.abc import Callable
 
 import keras
-import numpy as np
 
-from tlkit._keras_compat import flatten_layers, seed_generators
+from tlkit._keras_compat import flatten_layers, reseed_layers
 from tlkit.backbones import get_backbone
 from tlkit.features import extract_features, select_images
 from tlkit.heads import compile_classifier, fit_on_features, resolve_class_weight
@@ -159,27 +158,6 @@ def fine_tune_split(
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
     return history
-
-
-def reseed_layers(model: keras.Model, seed: int) -> None:
-    """Sets the random state of every augmentation and dropout layer from `seed`.
-
-    Keras layers draw from their own `SeedGenerator`, whose state is not saved
-    with the model and which `keras.utils.set_random_seed` does not reset, so a
-    resumed run would draw other random numbers than the uninterrupted one.
-    Keras has no public call to reseed built layers; this sets the states.
-
-    Args:
-        model: The model; nested models are included.
-        seed: The seed; layer `i` gets state `(seed + i, 0)`.
-    """
-    generators = [
-        generator
-        for layer in flatten_layers(model, include_self=True)
-        for generator in seed_generators(layer)
-    ]
-    for index, generator in enumerate(generators):
-        generator.state.assign(np.asarray([seed + index, 0], dtype=generator.state.dtype))
 
 
 # ---------------------------------------------------------------------------

@@ -23,11 +23,12 @@ import numpy as np
 
 from tlkit import distribute, evaluation
 from tlkit._io import atomic_path, write_json
+from tlkit._keras_compat import reseed_layers
 from tlkit._version import __version__
 from tlkit.augment import list_presets
 from tlkit.backbones import build_backbone, get_backbone
 from tlkit.features import FeatureSet, extract_features
-from tlkit.fine_tuning import fine_tune_cached, fine_tune_split, reseed_layers, split_at_block
+from tlkit.fine_tuning import fine_tune_cached, fine_tune_split, split_at_block
 from tlkit.heads import CLASS_WEIGHT_MODES, build_head, choose_class_weight, train_head
 from tlkit.inference import BACKENDS, inference_function
 from tlkit.input_config import resolve_input_config

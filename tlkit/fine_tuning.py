@@ -319,10 +319,9 @@ def fine_tune_cached(
             as in `tlkit.heads.train_head`. Defaults to None.
         backend: What computes the lower activations, as in
             `extract_features`: `"auto"` (LiteRT on a CPU when the conversion
-            pays off, about 3 to 6x faster than Keras for the lower blocks
-            of mobilenet_v2 in `bench/fine_tune_speed.py`), `"litert"`,
-            `"keras"` or `"xla"`. Every backend gives the same activations
-            within float32 round-off. Defaults to `"auto"`.
+            pays off or is cached), `"litert"`, `"keras"` or `"xla"`. Every
+            backend gives the same activations within float32 round-off, so
+            it is not part of the cache key. Defaults to `"auto"`.
         cache_dtype: How the activations are stored, in memory and on disk:
             `"float32"` or `"float16"` (half the memory; the upper blocks
             still train in float32). Part of the cache key. Defaults to

@@ -66,20 +66,14 @@ def test_a_wrong_conversion_is_refused(base, monkeypatch):
 
 
 def test_subprocess_conversion_gives_the_same_model_as_in_process(base, images, tmp_path):
-    in_process = litert.convert(base, SIZE)
-    isolated, expected = litert.convert_in_subprocess(base, SIZE)
-    assert isolated == in_process, "the same converter on the same model: the same flatbuffer"
-    # The child's Keras outputs (on the model as saved from here) are this process' outputs.
-    probe = litert.check_input(SIZE)
-    here = keras.ops.convert_to_numpy(base(probe, training=False))
-    np.testing.assert_allclose(expected, here, rtol=1e-6, atol=1e-6 * np.abs(here).max())
-    default = litert.LiteRTModel(base, cache=tmp_path)  # Not cached yet: converts.
-    assert default.converted_in == "subprocess" and not default.from_cache
-    assert default.content == in_process
-    assert default.path.with_suffix(".json").read_text().count('"converted_in": "subprocess"')
-    here = litert.LiteRTModel(base, cache=False, conversion="in_process")
+    # Not cached yet: converts in a child process, checked against the child's Keras outputs.
+    isolated = litert.LiteRTModel(base, cache=tmp_path, conversion="subprocess")
+    assert isolated.converted_in == "subprocess" and not isolated.from_cache
+    assert '"converted_in": "subprocess"' in isolated.path.with_suffix(".json").read_text()
+    here = litert.LiteRTModel(base, cache=False)  # The default: in this process.
     assert here.converted_in == "in_process"
-    np.testing.assert_array_equal(default(images), here(images))
+    assert isolated.content == here.content, "the same converter on the same model"
+    np.testing.assert_array_equal(isolated(images), here(images))
 
 
 class _UnregisteredScale(keras.layers.Layer):
@@ -94,7 +88,7 @@ def test_a_failed_subprocess_conversion_falls_back_with_a_warning(tmp_path):
     features = keras.layers.Conv2D(4, 3)(_UnregisteredScale()(inputs))
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(features))
     with pytest.warns(UserWarning, match="in a subprocess did not work.*in this process instead"):
-        converted = litert.LiteRTModel(model, cache=tmp_path)
+        converted = litert.LiteRTModel(model, cache=tmp_path, conversion="subprocess")
     assert converted.converted_in == "in_process"
     probe = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(converted(probe), model.predict(probe, verbose=0), rtol=1e-4)

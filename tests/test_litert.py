@@ -5,6 +5,7 @@ Also as the fast path of extract_features.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
@@ -61,7 +62,38 @@ def test_a_wrong_conversion_is_refused(base, monkeypatch):
     wrong = litert.convert(other, SIZE)  # The same architecture with other weights.
     monkeypatch.setattr(litert, "convert", lambda model, image_size: wrong)
     with pytest.raises(ValueError, match="does not match Keras.*backend='keras'"):
-        litert.LiteRTModel(base, cache=False)
+        litert.LiteRTModel(base, cache=False, conversion="in_process")
+
+
+def test_subprocess_conversion_gives_the_same_model_as_in_process(base, images, tmp_path):
+    # Not cached yet: converts in a child process, checked against the child's Keras outputs.
+    isolated = litert.LiteRTModel(base, cache=tmp_path, conversion="subprocess")
+    assert isolated.converted_in == "subprocess" and not isolated.from_cache
+    assert '"converted_in": "subprocess"' in isolated.path.with_suffix(".json").read_text()
+    here = litert.LiteRTModel(base, cache=False)  # The default: in this process.
+    assert here.converted_in == "in_process"
+    assert isolated.content == here.content, "the same converter on the same model"
+    np.testing.assert_array_equal(isolated(images), here(images))
+
+
+class _UnregisteredScale(keras.layers.Layer):
+    """A custom layer the subprocess cannot load (not registered with Keras)."""
+
+    def call(self, inputs):
+        return inputs * 2.0
+
+
+def test_a_failed_subprocess_conversion_falls_back_with_a_warning(tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    features = keras.layers.Conv2D(4, 3)(_UnregisteredScale()(inputs))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(features))
+    with pytest.warns(UserWarning, match="in a subprocess did not work.*in this process instead"):
+        converted = litert.LiteRTModel(model, cache=tmp_path, conversion="subprocess")
+    assert converted.converted_in == "in_process"
+    probe = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(converted(probe), model.predict(probe, verbose=0), rtol=1e-4)
+    with pytest.raises(ValueError, match="conversion must be one of"):
+        litert.LiteRTModel(model, cache=False, conversion="thread")
 
 
 def test_bad_inputs_get_clear_errors(base, images, tmp_path):

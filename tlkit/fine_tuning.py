@@ -19,8 +19,9 @@ import keras
 
 from tlkit._keras_compat import flatten_layers, reseed_layers
 from tlkit.backbones import get_backbone
-from tlkit.features import extract_features, select_images
+from tlkit.features import DTYPES, extract_features, select_images
 from tlkit.heads import compile_classifier, fit_on_features, resolve_class_weight
+from tlkit.inference import BACKENDS
 from tlkit.models import block_names, build_classifier, freeze, unfreeze
 
 # ---------------------------------------------------------------------------
@@ -262,6 +263,8 @@ def fine_tune_cached(
     callbacks=None,
     verbose: int | str = 0,
     class_weight: dict[int, float] | str | None = None,
+    backend: str = "auto",
+    cache_dtype: str = "float32",
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Fine-tunes the top blocks of a base on cached lower-block activations.
 
@@ -314,6 +317,15 @@ def fine_tune_cached(
         verbose: Keras verbosity. Defaults to 0.
         class_weight: None, `"balanced"` or a dict `class index -> weight`,
             as in `tlkit.heads.train_head`. Defaults to None.
+        backend: What computes the lower activations, as in
+            `extract_features`: `"auto"` (LiteRT on a CPU when the conversion
+            pays off or is cached), `"litert"`, `"keras"` or `"xla"`. Every
+            backend gives the same activations within float32 round-off, so
+            it is not part of the cache key. Defaults to `"auto"`.
+        cache_dtype: How the activations are stored, in memory and on disk:
+            `"float32"` or `"float16"` (half the memory; the upper blocks
+            still train in float32). Part of the cache key. Defaults to
+            `"float32"`.
 
     Returns:
         `(classifier, history)`: the full classifier from raw 0..255 images
@@ -325,7 +337,8 @@ def fine_tune_cached(
         ValueError: If `head` does not fit the base's features or the
             split's classes, on an unknown `block`, a base without a fixed
             input size, non-positive `views` or `epochs`, or `indices` out
-            of range, or a bad `class_weight`.
+            of range, a bad `class_weight`, an unknown `backend` or
+            `cache_dtype`, or float16 activations beyond its range.
 
     Example:
         >>> base = build_feature_extractor("mobilenet_v2", 160)
@@ -353,6 +366,12 @@ def fine_tune_cached(
                 f"{name} must be a positive integer, e.g. 3. Received: {name}={value!r}"
             )
     resolve_class_weight(class_weight, train_split.labels, num_classes)  # Fail before extracting.
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}. Received: backend={backend!r}")
+    if cache_dtype not in DTYPES:
+        raise ValueError(
+            f"cache_dtype must be one of {list(DTYPES)}. Received: cache_dtype={cache_dtype!r}"
+        )
     if block is None:
         block = block_names(base)[-2]
     lower, upper = split_at_block(base, block)
@@ -369,6 +388,8 @@ def fine_tune_cached(
             seed=augmentation_seed,
             cache=cache,
             progress=progress,
+            backend=backend,
+            dtype=cache_dtype,
         )
 
     train = activations(train_split, views)

@@ -11,6 +11,13 @@ Lite) with its XNNPACK kernels ran EfficientNet-Lite0 and MobileNetV2 about
 the converted model against Keras on a fixed input, and keeps the result in
 the tlkit cache (`$TLKIT_CACHE_DIR/litert/`), keyed by the model's
 architecture, weight values and input size, so later runs skip conversion.
+With `conversion="subprocess"` the converter runs in a separate Python process
+(`convert_in_subprocess`), so its ~380 MiB for MobileNetV2 (and the first eager
+Keras call, ~150 MiB) do not count in the caller's own peak RSS; if that process
+fails, the conversion runs in this process with a warning. It is not the
+default: while the child converts, parent and child are both resident (the
+machine's peak rose from ~1.45 to ~1.9 GB for `train` on cats_and_dogs_filtered,
+one loaded run), and a fresh process adds 7 to 12 s to a cold conversion.
 A `.tflite` file is a flatbuffer of operators from LiteRT's built-in set: loading one
 runs no code from the file.
 
@@ -28,6 +35,9 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +55,9 @@ _FORMAT_VERSION = 1
 # differ from TensorFlow's in round-off only (measured ~2e-6 on both offline
 # backbones); a wrong conversion is off by orders of magnitude.
 TOLERANCE = 1e-4
+CONVERSIONS = ("subprocess", "in_process")
+# A conversion takes ~10 s on 2 busy cores; far longer means a hung process.
+SUBPROCESS_TIMEOUT_S = 900
 
 
 def available() -> bool:
@@ -78,12 +91,23 @@ class LiteRTModel:
             for another that the OS has given to image decoding, which
             matters on a busy or a 2-core machine; `tlkit.inference` picks
             the faster setting by measuring. Defaults to 1.
+        conversion: Where the converter runs when the cache has no
+            conversion: `"subprocess"` (a fresh Python process,
+            `convert_in_subprocess`, so the converter's memory is not this
+            process'; on failure it converts in this process with a warning)
+            or `"in_process"`. Both give the same flatbuffer; the
+            subprocess lowers this process' own peak, not the machine's.
+            Defaults to `"in_process"`.
+
+    Attributes:
+        converted_in: `"subprocess"` or `"in_process"`: where this model was
+            converted; None when it was read from the cache.
 
     Raises:
         ImportError: If no LiteRT interpreter is installed.
         ValueError: On a model without a fixed input size and no
-            `image_size`, or if the converted model's outputs differ from
-            Keras' (then use the Keras path).
+            `image_size`, an unknown `conversion`, or if the converted
+            model's outputs differ from Keras' (then use the Keras path).
     """
 
     def __init__(
@@ -94,6 +118,7 @@ class LiteRTModel:
         num_threads: int | None = None,
         batch_size: int = 1,
         interpreters: int = 1,
+        conversion: str = "in_process",
     ):
         shape = model.input_shape
         if isinstance(shape, list) or len(shape) != 4:
@@ -115,6 +140,11 @@ class LiteRTModel:
             raise ValueError(
                 f"interpreters must be a positive integer. Received: interpreters={interpreters!r}"
             )
+        if conversion not in CONVERSIONS:
+            raise ValueError(
+                f"conversion must be one of {list(CONVERSIONS)}. "
+                f"Received: conversion={conversion!r}"
+            )
         self.image_size = int(image_size)
         self.channels = int(shape[-1])
         self.batch_size = batch_size
@@ -122,6 +152,7 @@ class LiteRTModel:
         self.num_threads = num_threads or max(1, usable_cores() // interpreters)
         self.path: Path | None = None
         self.from_cache = False
+        self.converted_in: str | None = None
         self.check: dict = {}
         content = None
         if cache is not False:
@@ -132,14 +163,22 @@ class LiteRTModel:
                 self.check = json.loads(check_path.read_text())
                 self.from_cache = True
         if content is None:
-            content = convert(model, self.image_size)
-            self.check = self._verify(model, content)
+            content, expected, self.converted_in = _convert_where(
+                model, self.image_size, conversion
+            )
+            self.check = self._verify(model, content, expected)
+            self.check["converted_in"] = self.converted_in
             if self.path is not None:
                 with atomic_path(self.path) as temporary:
                     temporary.write_bytes(content)
                 write_json(self.path.with_suffix(".json"), self.check)
         self.content = content
-        self._workers = [_Worker(content, self.num_threads) for _ in range(interpreters)]
+        # The interpreter that checked a fresh conversion is kept: each new one packs
+        # its own copy of the weights (XNNPACK), ~25 MiB for EfficientNet-Lite0.
+        checked = getattr(self, "_workers", [])[:interpreters]
+        self._workers = checked + [
+            _Worker(content, self.num_threads) for _ in range(interpreters - len(checked))
+        ]
         self._interpreter = self._workers[0].interpreter
         self._pool = ThreadPoolExecutor(interpreters) if interpreters > 1 else None
 
@@ -198,15 +237,19 @@ class LiteRTModel:
         self._pool = None
         return worker.interpreter
 
-    def _verify(self, model: keras.Model, content: bytes) -> dict:
-        """Compares the converted model with Keras on a fixed random input."""
+    def _verify(
+        self, model: keras.Model, content: bytes, expected: np.ndarray | None = None
+    ) -> dict:
+        """Compares the converted model with Keras on `check_input`.
+
+        `expected` is Keras' output on that input when it was computed
+        elsewhere (by the conversion subprocess, on the model as saved from
+        this one); else Keras runs here.
+        """
         self._interpreter = self._load(content)
-        probe = (
-            np.random.default_rng(0)
-            .uniform(0, 255, (2, self.image_size, self.image_size, self.channels))
-            .astype(np.float32)
-        )
-        expected = keras.ops.convert_to_numpy(model(probe, training=False))
+        probe = check_input(self.image_size, self.channels)
+        if expected is None:
+            expected = keras.ops.convert_to_numpy(model(probe, training=False))
         received = self(probe)
         scale = float(np.max(np.abs(expected))) or 1.0
         difference = float(np.max(np.abs(received - expected))) / scale
@@ -288,6 +331,104 @@ def convert(model: keras.Model, image_size: int) -> bytes:
     with _quiet():
         converter = tf.lite.TFLiteConverter.from_keras_model(wrapper)
         return converter.convert()
+
+
+def check_input(image_size: int, channels: int = 3) -> np.ndarray:
+    """The fixed input on which every conversion is checked against Keras: 2 random images.
+
+    Args:
+        image_size: Square image size.
+        channels: Channels per pixel. Defaults to 3.
+
+    Returns:
+        float32 array (2, image_size, image_size, channels) of values in 0..255.
+    """
+    shape = (2, int(image_size), int(image_size), int(channels))
+    return np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)
+
+
+def convert_in_subprocess(
+    model: keras.Model, image_size: int, timeout: float = SUBPROCESS_TIMEOUT_S
+) -> tuple[bytes, np.ndarray]:
+    """`convert` run in a fresh Python process, so its memory is freed with that process.
+
+    The model is saved as a `.keras` file in a temporary folder and converted
+    by `python -m tlkit._litert_worker` (which loads it with
+    `safe_mode=True`); the child also runs the loaded Keras model on
+    `check_input`, so this process need not run Keras to check the
+    conversion (the first eager Keras call of a base costs ~150 MiB). The
+    folder is then removed. The child imports the same `tlkit` as this
+    process and sees no GPU (the converter does not need one).
+
+    This lowers the peak of the calling process, not of the machine: while
+    the child runs (~15 s on 2 busy cores), both processes hold memory, the
+    child up to ~1.2 GB for EfficientNet-Lite0 at 224 px.
+
+    Args:
+        model: The Keras model; it must be savable as `.keras` (tlkit models
+            are; a model with unregistered custom layers is not loadable).
+        image_size: Square input size of the converted model.
+        timeout: Seconds before the child is killed. Defaults to
+            `SUBPROCESS_TIMEOUT_S`.
+
+    Returns:
+        `(content, expected)`: the `.tflite` bytes, the same as
+        `convert(model, image_size)` gives, and the Keras model's float32
+        outputs on `check_input(image_size, channels)`.
+
+    Raises:
+        RuntimeError: If the child fails or times out; the message ends with
+            the last lines it wrote to stderr.
+    """
+    package_root = str(Path(__file__).resolve().parents[1])
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [package_root, *filter(None, [environment.get("PYTHONPATH")])]
+    )
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    environment["CUDA_VISIBLE_DEVICES"] = ""  # Leave the accelerator's memory to the caller.
+    with tempfile.TemporaryDirectory(prefix="tlkit-litert-") as folder:
+        model_path = Path(folder) / "model.keras"
+        output_path = Path(folder) / "model.tflite"
+        expected_path = Path(folder) / "expected.npy"
+        model.save(model_path)
+        command = [sys.executable, "-m", "tlkit._litert_worker", str(model_path)]
+        command += [str(int(image_size)), str(output_path), str(expected_path)]
+        try:
+            completed = subprocess.run(
+                command, capture_output=True, text=True, env=environment, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as error:
+            raise RuntimeError(
+                f"Converting {model.name} to LiteRT in a subprocess took over {timeout} s. "
+                f"Received: timeout={timeout}"
+            ) from error
+        if completed.returncode != 0 or not (output_path.is_file() and expected_path.is_file()):
+            tail = " | ".join(completed.stderr.strip().splitlines()[-3:])
+            raise RuntimeError(
+                f"Converting {model.name} to LiteRT in a subprocess failed (exit code "
+                f"{completed.returncode}). Received: stderr={tail!r}"
+            )
+        return output_path.read_bytes(), np.load(expected_path, allow_pickle=False)
+
+
+def _convert_where(
+    model: keras.Model, image_size: int, conversion: str
+) -> tuple[bytes, np.ndarray | None, str]:
+    """Converted bytes, Keras' check outputs if computed there, and where (`LiteRTModel`)."""
+    if conversion == "subprocess":
+        try:
+            content, expected = convert_in_subprocess(model, image_size)
+            return content, expected, "subprocess"
+        except Exception as error:  # noqa: BLE001 - any failure there: convert here instead.
+            warnings.warn(
+                f"LiteRT conversion of {model.name} in a subprocess did not work "
+                f"({type(error).__name__}: {error}); converting in this process instead, "
+                "which needs ~400 MB more memory here. Pass conversion='in_process' to "
+                "skip the attempt.",
+                stacklevel=3,
+            )
+    return convert(model, image_size), None, "in_process"
 
 
 def _conversion_key(model: keras.Model, image_size: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import tlkit
 from tlkit.data import ImageDataset, ImageSplit
@@ -53,3 +54,23 @@ def test_evaluation_from_cached_features_equals_the_model_on_images():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="backend must be one of"):
         tlkit.TrainConfig(backend="tensorrt")
+
+
+def test_a_dataset_that_is_not_one_is_a_clear_error():
+    with pytest.raises(TypeError, match="must be a tlkit.data.ImageDataset.*Received: list"):
+        tlkit.train_run([1, 2, 3], tlkit.TrainConfig(epochs=1), progress=False)
+
+
+def test_a_folder_path_is_loaded_like_the_command_line(tmp_path):
+    for channel, name in ((0, "red"), (2, "blue")):
+        folder = tmp_path / "images" / name
+        folder.mkdir(parents=True)
+        for number in range(5):
+            image = np.zeros((40, 40, 3), np.uint8)
+            image[..., channel] = 200 + number
+            Image.fromarray(image).save(folder / f"{number}.png")
+    lines = []
+    config = tlkit.TrainConfig(backbone="mobilenet_v2", image_size=32, epochs=1, backend="keras")
+    result = tlkit.train_run(tmp_path / "images", config, progress=False, log=lines.append)
+    assert result.metrics["class_names"] == ["blue", "red"]
+    assert any(line.startswith("Data: folder") for line in lines), lines

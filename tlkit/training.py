@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import sys
 import time
@@ -27,6 +28,7 @@ from tlkit._keras_compat import reseed_layers
 from tlkit._version import __version__
 from tlkit.augment import list_presets
 from tlkit.backbones import build_backbone, get_backbone
+from tlkit.data.source import resolve_data
 from tlkit.features import FeatureSet, extract_features
 from tlkit.fine_tuning import fine_tune_cached, fine_tune_split, split_at_block
 from tlkit.heads import CLASS_WEIGHT_MODES, build_head, choose_class_weight, train_head
@@ -310,7 +312,10 @@ def train_run(
     uninterrupted run would.
 
     Args:
-        dataset: A `tlkit.data.ImageDataset`.
+        dataset: A `tlkit.data.ImageDataset`, or a catalog name or a
+            class-per-folder path (`tlkit.data.source.resolve_data`: a folder
+            without a validation split gets 20 % of it, seeded by
+            `config.seed`).
         config: A `TrainConfig`. Defaults to `TrainConfig()`.
         out: Run folder to write, or None to write nothing. Defaults to None.
         overwrite: Replace files in an existing run folder. Defaults to False.
@@ -326,6 +331,7 @@ def train_run(
         A `RunResult`.
 
     Raises:
+        TypeError: If `dataset` is neither an `ImageDataset` nor a name or path.
         FileExistsError: If `out` holds a run and neither `overwrite` nor
             `resume` is set.
         ValueError: If `resume` finds no checkpoint, a finished run, or a
@@ -333,6 +339,13 @@ def train_run(
     """
     config = config or TrainConfig()
     config.validate()  # Every setting, before a folder is made or an image read.
+    if isinstance(dataset, str | os.PathLike):
+        dataset = resolve_data(os.fspath(dataset), seed=config.seed, log=log)
+    if not hasattr(dataset, "splits"):
+        raise TypeError(
+            "dataset must be a tlkit.data.ImageDataset (e.g. tlkit.data.load('tf_flowers')), a "
+            f"catalog name or a class-per-folder path. Received: {type(dataset).__name__}"
+        )
     if resume and out is None:
         raise ValueError("resume=True needs the run folder to resume. Received: out=None")
     if out is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import sys
@@ -44,6 +45,8 @@ from tlkit.models import (
 
 # What `TrainConfig.fine_tune_on` accepts: fine-tuning on images or on cached activations.
 FINE_TUNE_ON = ("images", "activations")
+# What `TrainConfig.fine_tune_schedule` accepts: the fine-tuning learning rate over the steps.
+FINE_TUNE_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -72,6 +75,10 @@ class TrainConfig:
         head_batch_size: Batch size for the head on cached features, per replica.
         learning_rate: Head learning rate.
         fine_tune_learning_rate: Learning rate after unfreezing.
+        fine_tune_schedule: "constant" keeps `fine_tune_learning_rate` for
+            every fine-tuning step; "cosine" starts there and decays it to 0
+            over all fine-tuning steps (`keras.optimizers.schedules.CosineDecay`),
+            which lets a short run end converged instead of at a noisy epoch.
         dropout_rate: Dropout before the classifier.
         class_weight: "auto" (balanced class weights when the largest
             training class has more than 1.5x the images of the smallest),
@@ -100,6 +107,7 @@ class TrainConfig:
     head_batch_size: int = 64
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
+    fine_tune_schedule: str = "constant"
     dropout_rate: float = 0.2
     class_weight: str = "auto"
     seed: int = 42
@@ -129,6 +137,11 @@ class TrainConfig:
             raise ValueError(
                 f"fine_tune_on must be one of {list(FINE_TUNE_ON)}. "
                 f"Received: fine_tune_on={self.fine_tune_on!r}"
+            )
+        if self.fine_tune_schedule not in FINE_TUNE_SCHEDULES:
+            raise ValueError(
+                f"fine_tune_schedule must be one of {list(FINE_TUNE_SCHEDULES)}. "
+                f"Received: fine_tune_schedule={self.fine_tune_schedule!r}"
             )
         if self.epochs == 0 and self.fine_tune_epochs == 0:
             raise ValueError("Nothing to train: epochs and fine_tune_epochs are both 0.")
@@ -560,6 +573,15 @@ def _extract_run_activations(run: _Run, base: keras.Model):
     return train_features, validation_features
 
 
+def _fine_tune_learning_rate(run: _Run, examples_per_epoch: int):
+    """The fine-tuning learning rate: a float, or a cosine decay over all its steps."""
+    config = run.config
+    if config.fine_tune_schedule == "constant":
+        return run.fine_tune_learning_rate
+    steps = config.fine_tune_epochs * math.ceil(examples_per_epoch / run.batch_size)
+    return keras.optimizers.schedules.CosineDecay(run.fine_tune_learning_rate, max(steps, 1))
+
+
 def _fine_tune_on_activations(run: _Run, base: keras.Model, head: keras.Model) -> keras.Model:
     """Step 3 on activations: `fine_tune_cached` from the first fine-tuned block.
 
@@ -590,7 +612,7 @@ def _fine_tune_on_activations(run: _Run, base: keras.Model, head: keras.Model) -
             augmentation_seed=config.seed,
             epochs=config.fine_tune_epochs,
             batch_size=run.batch_size,
-            learning_rate=run.fine_tune_learning_rate,
+            learning_rate=_fine_tune_learning_rate(run, len(run.dataset.train) * config.views),
             seed=config.seed,
             progress=run.progress,
             verbose=1 if run.progress else 0,
@@ -664,7 +686,7 @@ def _fine_tune_with_checkpoints(run: _Run, model: keras.Model) -> keras.Model:
             blocks = unfreeze(
                 model,
                 config.fine_tune_from or config.fine_tune_blocks,
-                run.fine_tune_learning_rate,
+                _fine_tune_learning_rate(run, len(run.dataset.train)),
             )
         run.log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
     clock = time.perf_counter()

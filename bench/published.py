@@ -303,6 +303,13 @@ def main(argv=None) -> int:
             default=list(ROWS),
             help="which rows to run (default: all)",
         )
+        parser.add_argument(
+            "--datasets",
+            nargs="+",
+            default=None,
+            help="only these datasets (default: all); the results then go to "
+            "published_<datasets>.json/.md, so the full table is not replaced",
+        )
 
     args = _common.parse_args(__doc__.splitlines()[0], argv, extra)
     _common.setup_environment()
@@ -311,8 +318,11 @@ def main(argv=None) -> int:
         return 0
     _common.ensure_weights(["mobilenet_v2", "efficientnet_lite0"])
     seeds = args.seeds[:1] if args.quick else args.seeds
+    wanted = set(args.datasets) if args.datasets else None
     rows = []
     for dataset, backbone in PUBLISHED if "published" in args.rows else ():
+        if wanted is not None and dataset not in wanted:
+            continue
         for seed in seeds:
             params = {
                 "dataset": dataset,
@@ -322,11 +332,15 @@ def main(argv=None) -> int:
             }
             rows.append(_common.run_contender(SCRIPT, "run", params, args.quick))
     for recipe in FINE_TUNED_RECIPES if "fine_tuned" in args.rows else ():
+        if wanted is not None and recipe["dataset"] not in wanted:
+            continue
         for seed in seeds:
             rows.append(
                 _common.run_contender(SCRIPT, "fine_tuned", {**recipe, "seed": seed}, args.quick)
             )
     default_sets = ["pneumoniamnist"] if args.quick else list(GOALS)
+    if wanted is not None:
+        default_sets = [name for name in default_sets if name in wanted]
     for dataset in default_sets:
         for seed in seeds:
             if "cli_defaults" in args.rows:
@@ -425,7 +439,8 @@ def main(argv=None) -> int:
             "\n\nCLI defaults (`python -m tlkit train DATA`, no flags) and the plain baseline:\n\n"
         )
         table += defaults_table
-    _common.write_results("published", args, {"summary": summary, "runs": rows}, table, notes)
+    name = "published" if wanted is None else "published_" + "_".join(sorted(wanted))
+    _common.write_results(name, args, {"summary": summary, "runs": rows}, table, notes)
     print(table + "\n" + notes)
     return 0
 

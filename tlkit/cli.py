@@ -32,7 +32,13 @@ from tlkit.predict import load_classifier, predict_files
 from tlkit.preflight import doctor_command
 from tlkit.recipe_search import DEFAULT_BUDGET_S, train_with_search
 from tlkit.scratch import compare_with_scratch
-from tlkit.training import FINE_TUNE_ON, TrainConfig, prepare_run_folder, train_run
+from tlkit.training import (
+    FINE_TUNE_ON,
+    FINE_TUNE_SCHEDULES,
+    TrainConfig,
+    prepare_run_folder,
+    train_run,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +152,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="Adam learning rate after unfreezing "
         f"(default: {TrainConfig.fine_tune_learning_rate:g})",
+    )
+    recipe.add_argument(
+        "--fine-tune-schedule",
+        default=None,
+        choices=FINE_TUNE_SCHEDULES,
+        help="constant: --fine-tune-learning-rate throughout; cosine: decayed from it to 0 over "
+        f"the fine-tuning steps (default: {TrainConfig.fine_tune_schedule})",
     )
     recipe.add_argument(
         "--learning-rate",
@@ -349,6 +362,7 @@ RECIPE_FLAGS = {
     "fine_tune_from": "fine_tune_from",
     "fine_tune_on": "fine_tune_on",
     "fine_tune_learning_rate": "fine_tune_learning_rate",
+    "fine_tune_schedule": "fine_tune_schedule",
     "learning_rate": "learning_rate",
     "dropout": "dropout_rate",
     "views": "views",

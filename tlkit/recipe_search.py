@@ -79,6 +79,7 @@ RECIPE_FIELDS = (
     "dropout_rate",
     "learning_rate",
     "fine_tune_learning_rate",
+    "fine_tune_schedule",
     "class_weight",
 )
 # Cached activations above this size are not tried (they are held in memory).
@@ -157,6 +158,7 @@ def recipe_of(config: TrainConfig) -> dict[str, Any]:
         for name in ("fine_tune_blocks", "fine_tune_from", "fine_tune_on"):
             recipe.pop(name)
         recipe.pop("fine_tune_learning_rate")
+        recipe.pop("fine_tune_schedule")
     if config.views == 1 and not config.fine_tune_epochs:
         recipe.pop("augmentation")
     return recipe

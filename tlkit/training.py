@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import platform
 import sys
 import time
@@ -27,6 +29,7 @@ from tlkit._keras_compat import reseed_layers
 from tlkit._version import __version__
 from tlkit.augment import list_presets
 from tlkit.backbones import build_backbone, get_backbone
+from tlkit.data.source import resolve_data
 from tlkit.features import FeatureSet, extract_features
 from tlkit.fine_tuning import fine_tune_cached, fine_tune_split, split_at_block
 from tlkit.heads import CLASS_WEIGHT_MODES, build_head, choose_class_weight, train_head
@@ -42,6 +45,8 @@ from tlkit.models import (
 
 # What `TrainConfig.fine_tune_on` accepts: fine-tuning on images or on cached activations.
 FINE_TUNE_ON = ("images", "activations")
+# What `TrainConfig.fine_tune_schedule` accepts: the fine-tuning learning rate over the steps.
+FINE_TUNE_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -70,6 +75,10 @@ class TrainConfig:
         head_batch_size: Batch size for the head on cached features, per replica.
         learning_rate: Head learning rate.
         fine_tune_learning_rate: Learning rate after unfreezing.
+        fine_tune_schedule: "constant" keeps `fine_tune_learning_rate` for
+            every fine-tuning step; "cosine" starts there and decays it to 0
+            over all fine-tuning steps (`keras.optimizers.schedules.CosineDecay`),
+            which lets a short run end converged instead of at a noisy epoch.
         dropout_rate: Dropout before the classifier.
         class_weight: "auto" (balanced class weights when the largest
             training class has more than 1.5x the images of the smallest),
@@ -98,6 +107,7 @@ class TrainConfig:
     head_batch_size: int = 64
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
+    fine_tune_schedule: str = "constant"
     dropout_rate: float = 0.2
     class_weight: str = "auto"
     seed: int = 42
@@ -127,6 +137,11 @@ class TrainConfig:
             raise ValueError(
                 f"fine_tune_on must be one of {list(FINE_TUNE_ON)}. "
                 f"Received: fine_tune_on={self.fine_tune_on!r}"
+            )
+        if self.fine_tune_schedule not in FINE_TUNE_SCHEDULES:
+            raise ValueError(
+                f"fine_tune_schedule must be one of {list(FINE_TUNE_SCHEDULES)}. "
+                f"Received: fine_tune_schedule={self.fine_tune_schedule!r}"
             )
         if self.epochs == 0 and self.fine_tune_epochs == 0:
             raise ValueError("Nothing to train: epochs and fine_tune_epochs are both 0.")
@@ -310,7 +325,10 @@ def train_run(
     uninterrupted run would.
 
     Args:
-        dataset: A `tlkit.data.ImageDataset`.
+        dataset: A `tlkit.data.ImageDataset`, or a catalog name or a
+            class-per-folder path (`tlkit.data.source.resolve_data`: a folder
+            without a validation split gets 20 % of it, seeded by
+            `config.seed`).
         config: A `TrainConfig`. Defaults to `TrainConfig()`.
         out: Run folder to write, or None to write nothing. Defaults to None.
         overwrite: Replace files in an existing run folder. Defaults to False.
@@ -326,6 +344,7 @@ def train_run(
         A `RunResult`.
 
     Raises:
+        TypeError: If `dataset` is neither an `ImageDataset` nor a name or path.
         FileExistsError: If `out` holds a run and neither `overwrite` nor
             `resume` is set.
         ValueError: If `resume` finds no checkpoint, a finished run, or a
@@ -333,6 +352,13 @@ def train_run(
     """
     config = config or TrainConfig()
     config.validate()  # Every setting, before a folder is made or an image read.
+    if isinstance(dataset, str | os.PathLike):
+        dataset = resolve_data(os.fspath(dataset), seed=config.seed, log=log)
+    if not hasattr(dataset, "splits"):
+        raise TypeError(
+            "dataset must be a tlkit.data.ImageDataset (e.g. tlkit.data.load('tf_flowers')), a "
+            f"catalog name or a class-per-folder path. Received: {type(dataset).__name__}"
+        )
     if resume and out is None:
         raise ValueError("resume=True needs the run folder to resume. Received: out=None")
     if out is not None:
@@ -547,6 +573,15 @@ def _extract_run_activations(run: _Run, base: keras.Model):
     return train_features, validation_features
 
 
+def _fine_tune_learning_rate(run: _Run, examples_per_epoch: int):
+    """The fine-tuning learning rate: a float, or a cosine decay over all its steps."""
+    config = run.config
+    if config.fine_tune_schedule == "constant":
+        return run.fine_tune_learning_rate
+    steps = config.fine_tune_epochs * math.ceil(examples_per_epoch / run.batch_size)
+    return keras.optimizers.schedules.CosineDecay(run.fine_tune_learning_rate, max(steps, 1))
+
+
 def _fine_tune_on_activations(run: _Run, base: keras.Model, head: keras.Model) -> keras.Model:
     """Step 3 on activations: `fine_tune_cached` from the first fine-tuned block.
 
@@ -577,7 +612,7 @@ def _fine_tune_on_activations(run: _Run, base: keras.Model, head: keras.Model) -
             augmentation_seed=config.seed,
             epochs=config.fine_tune_epochs,
             batch_size=run.batch_size,
-            learning_rate=run.fine_tune_learning_rate,
+            learning_rate=_fine_tune_learning_rate(run, len(run.dataset.train) * config.views),
             seed=config.seed,
             progress=run.progress,
             verbose=1 if run.progress else 0,
@@ -651,7 +686,7 @@ def _fine_tune_with_checkpoints(run: _Run, model: keras.Model) -> keras.Model:
             blocks = unfreeze(
                 model,
                 config.fine_tune_from or config.fine_tune_blocks,
-                run.fine_tune_learning_rate,
+                _fine_tune_learning_rate(run, len(run.dataset.train)),
             )
         run.log(f"Fine-tuning blocks {', '.join(blocks)} for {config.fine_tune_epochs} epoch(s)...")
     clock = time.perf_counter()

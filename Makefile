@@ -33,9 +33,11 @@ test: $(STAMP)
 	$(BIN)/ruff check tlkit tests notebooks
 	$(BIN)/ruff format --check tlkit tests
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+	# Two notebooks at a time (each in its own kernel; loadfile keeps a notebook's cells in order
+	# on one worker): most of a QUICK notebook is single-threaded Python and kernel start-up.
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-		QUICK=1 $(BIN)/python -m pytest -q -rs --nbval-lax notebooks; \
+		QUICK=1 $(BIN)/python -m pytest -q -rs --nbval-lax -n 2 --dist loadfile notebooks; \
 	fi
 
 bench: $(STAMP)

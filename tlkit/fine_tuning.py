@@ -21,7 +21,6 @@ from tlkit._keras_compat import flatten_layers, reseed_layers
 from tlkit.backbones import get_backbone
 from tlkit.features import DTYPES, extract_features, select_images
 from tlkit.heads import compile_classifier, fit_on_features, resolve_class_weight
-from tlkit.inference import BACKENDS
 from tlkit.models import block_names, build_classifier, freeze, unfreeze
 
 # ---------------------------------------------------------------------------
@@ -366,8 +365,6 @@ def fine_tune_cached(
                 f"{name} must be a positive integer, e.g. 3. Received: {name}={value!r}"
             )
     resolve_class_weight(class_weight, train_split.labels, num_classes)  # Fail before extracting.
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}. Received: backend={backend!r}")
     if cache_dtype not in DTYPES:
         raise ValueError(
             f"cache_dtype must be one of {list(DTYPES)}. Received: cache_dtype={cache_dtype!r}"

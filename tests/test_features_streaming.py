@@ -105,7 +105,8 @@ def test_probe_picks_a_candidate_stores_it_and_later_runs_reuse_it(
     base, converted, shared_datasets, monkeypatch
 ):
     monkeypatch.setattr(inference, "PROBE_MIN_IMAGES", 8)
-    paths = _photos(shared_datasets, 40)
+    # batch_size=4 below: (1 warm-up + PROBE_ROUNDS) calls x 3 candidates x 4 images = 48.
+    paths = _photos(shared_datasets, 60)
     split = ImageSplit("flowers", ["any"], [0] * len(paths), paths=paths)
     model = converted
     runner = inference.LiteRTRunner(model, base.name, images=len(paths))
@@ -132,3 +133,21 @@ def _check_probe(base, split, model, runner, count):
 
     runner.path.write_text('{"chosen": {"num_threads": "__import__(\'os\')"}}')
     assert inference.read_settings(runner.path) is None  # malformed: probe again, run nothing
+
+
+@pytest.mark.parametrize(
+    ("speeds", "chosen"),
+    [([100.0, 109.0, 50.0], 0), ([100.0, 111.0, 50.0], 1), ([100.0, 50.0, 130.0], 2)],
+)
+def test_probe_keeps_the_first_candidate_unless_another_is_clearly_faster(
+    speeds, chosen, tmp_path
+):
+    candidates = inference.litert_candidates(2)
+    assert candidates[0] == {"num_threads": 1, "batch_size": 1, "interpreters": 2}
+    runner = object.__new__(inference.LiteRTRunner)
+    runner.path = tmp_path / "settings.json"
+    runner._candidates, runner._models = candidates, [f"model {i}" for i in range(3)]
+    runner._times = [[speed * 0.9, speed, speed * 1.2] for speed in speeds]  # median: speed
+    runner._finish_probe()
+    assert runner.settings == candidates[chosen] and runner._model == f"model {chosen}"
+    assert inference.read_settings(runner.path) == candidates[chosen]

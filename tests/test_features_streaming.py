@@ -139,9 +139,7 @@ def _check_probe(base, split, model, runner, count):
     ("speeds", "chosen"),
     [([100.0, 109.0, 50.0], 0), ([100.0, 111.0, 50.0], 1), ([100.0, 50.0, 130.0], 2)],
 )
-def test_probe_keeps_the_first_candidate_unless_another_is_clearly_faster(
-    speeds, chosen, tmp_path
-):
+def test_probe_keeps_the_first_candidate_unless_another_is_clearly_faster(speeds, chosen, tmp_path):
     candidates = inference.litert_candidates(2)
     assert candidates[0] == {"num_threads": 1, "batch_size": 1, "interpreters": 2}
     runner = object.__new__(inference.LiteRTRunner)

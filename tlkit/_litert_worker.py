@@ -1,7 +1,7 @@
 """`python -m tlkit._litert_worker MODEL.keras SIZE OUT.tflite EXPECTED.npy`: one conversion.
 
 `tlkit.litert.convert_in_subprocess` runs this in a fresh Python process, so
-the TensorFlow converter's memory (~380 MiB for MobileNetV2) and that of the
+the TensorFlow converter's memory (~220 MiB for MobileNetV2 at 224 px) and that of the
 first eager Keras call are freed with that process instead of adding to the
 caller's peak resident memory. The model is loaded with `safe_mode=True` (no
 code from the file runs); importing `tlkit` (the package, run first by `-m`)

@@ -25,8 +25,9 @@ from tlkit._io import cache_dir, write_json
 
 _FORWARD_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 BACKENDS = ("auto", "keras", "xla", "litert")
-# Converting a base to LiteRT takes ~6 s on 2 cores, the time Keras needs for ~300
-# images at 224 px; LiteRT saves ~60 % per image, so "auto" converts from 1000 on.
+# Converting a base to LiteRT takes ~4 s on 2 quiet cores (`litert.convert`), the time
+# Keras needs for ~400 images at 224 px; LiteRT saves ~60 % per image, so "auto"
+# converts from 1000 on.
 LITERT_MIN_IMAGES = 1000
 # The start-up probe of LiteRT settings times each candidate on this many calls
 # (after one untimed warm-up call each), interleaved; it needs this many images.

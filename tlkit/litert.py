@@ -336,7 +336,7 @@ def convert(model: keras.Model, image_size: int) -> bytes:
     with _quiet():
         concrete = function.get_concrete_function(signature)
         holder = tf.Module()  # Tracks the tf.Variables under the Keras 3 variables.
-        holder.variables_to_freeze = [variable.value for variable in model.weights]
+        holder.variables_to_freeze = [variable.value for variable in model.variables]
         converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
         return converter.convert()
 

@@ -19,7 +19,7 @@ frozen, Adam 1e-5) for the same number of gradient steps:
   float32 activations with `backend="auto"` (LiteRT here: 4000 images), and
   float16 activations (`dtype="float16"`, half the memory) with
   `backend="litert"`. Each contender starts with an empty cache, so the
-  LiteRT conversion of the lower blocks (in a subprocess, `tlkit.litert`) is
+  LiteRT conversion of the lower blocks (in this process, `tlkit.litert`) is
   inside the timed extraction.
 
 Every row records the load average before and after its process.
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         f"{BACKBONE} @{IMAGE_SIZE}, unfrozen from `{FIRST_BLOCK}` (block17 + head conv), Adam "
         f"{LEARNING_RATE}, batch 32, BatchNorm frozen. The fine-tune wall time of `cached` "
         "includes computing the lower activations (with an empty cache: for LiteRT also "
-        "converting the lower blocks, in a subprocess). Validation: all images of the "
+        "converting the lower blocks, in this process). Validation: all images of the "
         "validation split, end to end through the assembled classifier."
     )
     _common.write_results(

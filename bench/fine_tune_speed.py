@@ -135,7 +135,8 @@ def cached(params: dict, args) -> dict:
     passes = max(1, round(epochs / views))
     keras.utils.set_random_seed(args.seed)
     started = time.perf_counter()
-    model.fit(activations.to_dataset(32, shuffle=True, seed=args.seed), epochs=passes, verbose=0)
+    training = activations.to_dataset(32, shuffle=True, seed=args.seed)
+    model.fit(training, epochs=passes, shuffle=False, verbose=0)  # shuffled by the dataset
     train_s = time.perf_counter() - started
     names = block_names(base)
     return {

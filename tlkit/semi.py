@@ -566,6 +566,7 @@ def fixmatch(
         epochs=epochs,
         steps_per_epoch=steps,
         validation_data=validation_data,
+        shuffle=False,  # `data` is shuffled in its tf.data pipeline; Keras would warn.
         verbose=verbose,
     )
     return head, history.history

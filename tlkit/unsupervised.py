@@ -257,7 +257,12 @@ def pretrain_autoencoder(
     )
     autoencoder.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
     history = autoencoder.fit(
-        train, validation_data=validation, epochs=epochs, callbacks=callbacks, verbose=verbose
+        train,
+        validation_data=validation,
+        epochs=epochs,
+        callbacks=callbacks,
+        shuffle=False,  # `train` is shuffled in its tf.data pipeline; Keras would warn.
+        verbose=verbose,
     )
     return autoencoder, history.history
 

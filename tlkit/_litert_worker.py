@@ -1,9 +1,8 @@
 """`python -m tlkit._litert_worker MODEL.keras SIZE OUT.tflite EXPECTED.npy`: one conversion.
 
 `tlkit.litert.convert_in_subprocess` runs this in a fresh Python process, so
-the TensorFlow converter's memory (~220 MiB for MobileNetV2 at 224 px) and that of the
-first eager Keras call are freed with that process instead of adding to the
-caller's peak resident memory. The model is loaded with `safe_mode=True` (no
+the TensorFlow converter's memory and that of the first eager Keras call are
+freed with that process instead of adding to the caller's peak resident memory. The model is loaded with `safe_mode=True` (no
 code from the file runs); importing `tlkit` (the package, run first by `-m`)
 registers tlkit's own layers. It writes, each atomically, the flatbuffer and
 the Keras model's outputs on `tlkit.litert.check_input`, against which the

@@ -25,9 +25,9 @@ from tlkit._io import cache_dir, write_json
 
 _FORWARD_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 BACKENDS = ("auto", "keras", "xla", "litert")
-# Converting a base to LiteRT takes ~4 s on 2 quiet cores (`litert.convert`), the time
-# Keras needs for ~400 images at 224 px; LiteRT saves ~60 % per image, so "auto"
-# converts from 1000 on.
+# Converting a base to LiteRT took 2.9 to 4.3 s on 2 quiet cores (`litert.convert`;
+# bench/results/throughput_default_path), the time Keras needs for ~400 images at
+# 224 px; LiteRT saves ~60 % per image, so "auto" converts from 1000 on.
 LITERT_MIN_IMAGES = 1000
 # The start-up probe of LiteRT settings times each candidate on this many calls
 # (after one untimed warm-up call each), interleaved; it needs this many images.

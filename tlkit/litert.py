@@ -12,8 +12,8 @@ the converted model against Keras on a fixed input, and keeps the result in
 the tlkit cache (`$TLKIT_CACHE_DIR/litert/`), keyed by the model's
 architecture, weight values and input size, so later runs skip conversion.
 With `conversion="subprocess"` the converter runs in a separate Python process
-(`convert_in_subprocess`), so its ~220 MiB for MobileNetV2 at 224 px (and the first eager
-Keras call, ~150 MiB) do not count in the caller's own peak RSS; if that process
+(`convert_in_subprocess`), so the converter's memory (and that of the first eager
+Keras call) does not count in the caller's own peak RSS; if that process
 fails, the conversion runs in this process with a warning. It is not the
 default: while the child converts, parent and child are both resident (the
 machine's peak rose from ~1.45 to ~1.9 GB for `train` on cats_and_dogs_filtered,
@@ -317,9 +317,9 @@ def convert(model: keras.Model, image_size: int) -> bytes:
     """Converts a Keras model to a float32 LiteRT flatbuffer with a fixed image size.
 
     The model is traced once as a `tf.function` and its variables frozen into
-    the flatbuffer: 4.3 s instead of 8.9 s for EfficientNet-Lite0 at 224 px
-    (219 instead of 304 MiB of added peak RSS) on the 2-core machine of
-    `bench/`, against `from_keras_model`, which exports a SavedModel first.
+    the flatbuffer (`from_concrete_functions`); `from_keras_model` would first
+    export a SavedModel to a temporary folder and read it back. The conversion
+    time is in `bench/results/throughput_default_path` ("LiteRT conversion s").
 
     Args:
         model: The Keras model (inference mode is used).

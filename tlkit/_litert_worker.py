@@ -2,11 +2,12 @@
 
 `tlkit.litert.convert_in_subprocess` runs this in a fresh Python process, so
 the TensorFlow converter's memory and that of the first eager Keras call are
-freed with that process instead of adding to the caller's peak resident memory. The model is loaded with `safe_mode=True` (no
-code from the file runs); importing `tlkit` (the package, run first by `-m`)
-registers tlkit's own layers. It writes, each atomically, the flatbuffer and
-the Keras model's outputs on `tlkit.litert.check_input`, against which the
-caller checks the flatbuffer.
+freed with that process instead of adding to the caller's peak resident memory.
+The model is loaded with `safe_mode=True` (no code from the file runs);
+importing `tlkit` (the package, run first by `-m`) registers tlkit's own
+layers. It writes, each atomically, the flatbuffer and the Keras model's
+outputs on `tlkit.litert.check_input`, against which the caller checks the
+flatbuffer.
 """
 
 from __future__ import annotations
